@@ -1,0 +1,34 @@
+# `make demo`: create .venv, install, run build -> train -> eval on real offline data (writes runs/demo/report.json).
+# `make test`: create .venv if missing, run the whole test suite (slow end-to-end tests included).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The torch build is pinned first so that no other package pulls a different (multi-GB) build.
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv demo demo-tiny test test-fast clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet $(TORCH_PKGS)
+	$(PY) -m pip install --quiet -e '.[test,deepspeed]'
+	touch $(STAMP)
+
+demo: venv
+	$(PY) -m clipforge demo --out runs/demo
+
+demo-tiny: venv
+	$(PY) -m clipforge demo --tiny --out runs/demo-tiny
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs build dist *.egg-info

@@ -1,0 +1,93 @@
+"""The `clipforge` command line: thin wrappers that validate input and always tear down what they start.
+
+  clipforge run SPEC.yaml [field=value ...]     run a build/train/eval spec on a local (or RAY_ADDRESS) Ray
+  clipforge validate SPEC.yaml [field=value ...] check a spec without running it
+  clipforge schema KIND                         JSON Schema of a spec kind (for editor autocompletion)
+  clipforge demo [--tiny]                       the whole loop on real offline data -> runs/demo/report.json
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="clipforge: image-caption URL lists to trained and evaluated CLIP models.")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(spec_path: Path, overrides: list[str]):
+    from clipforge.cluster.specs import SpecError, load_spec
+
+    try:
+        return load_spec(spec_path, overrides)
+    except SpecError as e:
+        _fail(str(e))
+
+
+@app.command()
+def validate(spec: Path = typer.Argument(..., help="Spec YAML file."),
+             overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides.")) -> None:
+    """Check a spec (types, required fields, unknown fields) without running anything."""
+    s = _load(spec, overrides or [])
+    typer.echo(f"ok: {spec} is a valid `{s.kind}` spec")
+
+
+@app.command()
+def run(spec: Path = typer.Argument(..., help="Spec YAML file."),
+        overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides, e.g. optim.lr=1e-4.")) -> None:
+    """Run a spec locally (joins RAY_ADDRESS or the spec's `ray.address` if set, else starts a local Ray)."""
+    s = _load(spec, overrides or [])
+    from clipforge.cluster.dispatch import run_job
+    from clipforge.errors import UserError
+
+    try:
+        result = run_job(s)
+    except UserError as e:
+        _fail(str(e), code=1)
+    if result is not None:
+        typer.echo(json.dumps(result, indent=2, default=str)[:4000])
+
+
+@app.command()
+def schema(kind: str = typer.Argument(..., help="build | train | eval")) -> None:
+    """Print the JSON Schema of a spec kind."""
+    from clipforge.cluster.specs import KINDS
+
+    if kind not in KINDS:
+        _fail(f"unknown kind {kind!r}; expected one of: {', '.join(KINDS)}")
+    typer.echo(json.dumps(KINDS[kind].model_json_schema(), indent=2))
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder (report.json, loss.png, runs)."),
+         data_cache: Path = typer.Option(Path("data/cache"), help="Where the Debian packages are cached."),
+         tiny: bool = typer.Option(False, help="A few-minute version on a small subset with the tiny model."),
+         ) -> None:
+    """Build shards -> train -> evaluate on real offline data; writes OUT/report.json."""
+    from clipforge.demo.run import DemoOptions, run_demo
+    from clipforge.errors import UserError
+
+    try:
+        report_path = run_demo(DemoOptions(out=out, data_cache=data_cache, tiny=tiny))
+    except UserError as e:
+        _fail(str(e), code=1)
+    typer.echo(f"report: {report_path}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Typed spec of an evaluation job (`kind: eval`)."""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field
+
+from clipforge.models.spec import ModelSpec
+from clipforge.specbase import RayInit, Scaling, Spec
+
+
+class RetrievalTask(Spec):
+    task: Literal["retrieval"]
+    dataset: str = Field(..., description="Dataset name used in results.")
+    shards: list[str] = Field(
+        ..., min_length=1, description="WebDataset shards (files, folders, globs): an image and a .txt whose "
+        "non-empty lines are that image's captions."
+    )
+    recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10], description="K values for Recall@K.")
+
+
+class ZeroShotTask(Spec):
+    task: Literal["zeroshot_classification"]
+    dataset: str = Field(..., description="Dataset name used in results.")
+    image_folder: str = Field(..., description="Folder with one sub-folder of images per class (sorted = class index).")
+    classnames: list[str] | None = Field(
+        None, description="Class names used in prompts, in sorted sub-folder order (default: the folder names)."
+    )
+    templates: list[str] | str = Field(
+        "openai_imagenet",
+        description="Prompt templates with `{c}`, or the name of a built-in template set.",
+    )
+
+
+EvalTask = Annotated[Union[RetrievalTask, ZeroShotTask], Field(discriminator="task")]
+
+
+class EvalSpec(Spec):
+    """`kind: eval` — retrieval and zero-shot classification on Ray Data."""
+
+    kind: Literal["eval"]
+    name: str = Field("eval", description="Job name.")
+    storage: str = Field(..., description="Output folder for result JSON files (local or fsspec).")
+    model: ModelSpec
+    model_label: str = Field("clipforge", description="Written as `pretrained` in CLIP_benchmark-style results.")
+    tasks: list[EvalTask] = Field(..., min_length=1)
+    batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
+    scaling: Scaling = Field(default_factory=lambda: Scaling(workers=2, cpus_per_worker=0.5))
+    ray: RayInit = Field(default_factory=RayInit)

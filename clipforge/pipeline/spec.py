@@ -1,0 +1,73 @@
+"""Typed spec of a dataset build (`kind: build`): URL list in, WebDataset shards + manifest out."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from clipforge.specbase import RayInit, Scaling, Spec
+
+
+class InputSpec(Spec):
+    path: str = Field(..., description="URL list: a file, a folder or a glob; local or any fsspec path (s3://...).")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = Field(
+        "auto", description="File format; `auto` picks it from the extension (.gz allowed for text formats)."
+    )
+    url_col: str = Field("url", description="Column holding the image URL.")
+    caption_col: str | None = Field("caption", description="Column holding the caption (None: no captions).")
+    extra_cols: list[str] = Field(default_factory=list, description="Columns copied into each sample's .json.")
+
+
+class OutputSpec(Spec):
+    path: str = Field(..., description="Output folder for shards, manifest/ and stats.json (local or fsspec).")
+    samples_per_shard: int = Field(1000, ge=1, description="Rows of the input per output shard.")
+    image_format: Literal["jpg", "png", "webp"] = Field("jpg", description="Encoding of the stored images.")
+    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
+
+
+class DownloadSpec(Spec):
+    threads_per_worker: int = Field(16, ge=1, description="Concurrent downloads in each worker process.")
+    timeout_s: float = Field(10.0, gt=0, description="Per-request timeout in seconds.")
+    retries: int = Field(1, ge=0, description="Retries for transient failures (timeouts, 5xx, connection errors).")
+    max_bytes: int = Field(20_000_000, ge=1, description="Larger responses are refused as `too_large`.")
+    max_pixels: int = Field(89_478_485, ge=1, description="Images with more pixels are refused without decoding.")
+    allow_private_networks: bool = Field(
+        False, description="Allow loopback/private/link-local addresses. Off by default: never fetch internal hosts."
+    )
+    user_agent: str = Field("clipforge/0.1 (+https://github.com/clipforge)", description="HTTP User-Agent.")
+
+
+class ResizeSpec(Spec):
+    size: int = Field(256, ge=1, description="Target side length in pixels.")
+    mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = Field(
+        "border", description="img2dataset's resize modes."
+    )
+
+
+class FilterSpec(Spec):
+    min_image_size: int = Field(0, ge=0, description="Drop images whose shorter side is below this (pixels).")
+    max_aspect_ratio: float | None = Field(None, gt=0, description="Drop images with long/short side above this.")
+    min_caption_chars: int = Field(0, ge=0, description="Drop rows whose caption is shorter.")
+    max_caption_chars: int | None = Field(None, ge=1, description="Drop rows whose caption is longer.")
+    dedup_exact: bool = Field(False, description="Drop exact duplicate images (same content hash), keep the first.")
+
+
+class BuildSpec(Spec):
+    """`kind: build` — download, resize, filter and shard a URL list."""
+
+    kind: Literal["build"]
+    name: str = Field("build", description="Job name.")
+    input: InputSpec
+    output: OutputSpec
+    download: DownloadSpec = Field(default_factory=DownloadSpec)
+    resize: ResizeSpec = Field(default_factory=ResizeSpec)
+    filters: FilterSpec = Field(default_factory=FilterSpec)
+    scaling: Scaling = Field(default_factory=lambda: Scaling(workers=2, cpus_per_worker=0.5))
+    ray: RayInit = Field(default_factory=RayInit)
+
+    @model_validator(mode="after")
+    def _caption_bounds(self) -> "BuildSpec":
+        f = self.filters
+        if f.max_caption_chars is not None and f.max_caption_chars < f.min_caption_chars:
+            raise ValueError("filters.max_caption_chars must be >= filters.min_caption_chars")
+        return self

@@ -1,0 +1,29 @@
+"""Shared fixtures: one local Ray per test session, real demo data cached under data/."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import clipforge  # noqa: F401  (sets offline / local-Ray environment defaults)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_CACHE = Path(os.environ.get("CLIPFORGE_DATA_CACHE", REPO / "data" / "cache"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs shared by every test that needs one (started once: start-up costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def data_cache() -> Path:
+    DATA_CACHE.mkdir(parents=True, exist_ok=True)
+    return DATA_CACHE
