@@ -83,6 +83,11 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder (report
     typer.echo(f"report: {report_path}")
 
 
+from clipforge.cluster.cli_cluster import register as _register_cluster_commands  # noqa: E402
+
+_register_cluster_commands(app)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)

@@ -3,9 +3,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from clipforge.specbase import RayInit, Scaling, Spec
+
+
+# Fields of each sample's .json and of the per-shard parquet that the builder fills in.
+RESERVED_SAMPLE_FIELDS = frozenset({
+    "url", "caption", "key", "row", "status", "error_message", "width", "height",
+    "original_width", "original_height", "sha256", "content_sha256",
+})
 
 
 class InputSpec(Spec):
@@ -17,6 +24,17 @@ class InputSpec(Spec):
     caption_col: str | None = Field("caption", description="Column holding the caption (None: no captions).")
     extra_cols: list[str] = Field(default_factory=list, description="Columns copied into each sample's .json.")
 
+    @field_validator("extra_cols")
+    @classmethod
+    def _extra_cols_distinct(cls, cols: list[str]) -> list[str]:
+        # Extra columns sit beside the fields the builder writes itself; a clash would overwrite one of them.
+        clash = sorted(set(cols) & RESERVED_SAMPLE_FIELDS)
+        if clash:
+            raise ValueError(f"{clash} are written by the builder itself; rename these columns")
+        if len(set(cols)) != len(cols):
+            raise ValueError("a column is listed twice")
+        return cols
+
 
 class OutputSpec(Spec):
     path: str = Field(..., description="Output folder for shards, manifest/ and stats.json (local or fsspec).")
@@ -27,8 +45,15 @@ class OutputSpec(Spec):
 
 class DownloadSpec(Spec):
     threads_per_worker: int = Field(16, ge=1, description="Concurrent downloads in each worker process.")
-    timeout_s: float = Field(10.0, gt=0, description="Per-request timeout in seconds.")
+    timeout_s: float = Field(
+        10.0, gt=0, description="Seconds allowed for connecting and for each read; a whole attempt gets at most 4x."
+    )
     retries: int = Field(1, ge=0, description="Retries for transient failures (timeouts, 5xx, connection errors).")
+    retry_backoff_s: float = Field(
+        0.5,
+        ge=0,
+        description="First retry waits this long, each further one twice as long (a Retry-After up to 30 s wins).",
+    )
     max_bytes: int = Field(20_000_000, ge=1, description="Larger responses are refused as `too_large`.")
     max_pixels: int = Field(89_478_485, ge=1, description="Images with more pixels are refused without decoding.")
     allow_private_networks: bool = Field(

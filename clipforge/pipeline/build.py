@@ -1,0 +1,162 @@
+"""`kind: build`: a URL list -> WebDataset shards, per-shard parquet/stats, manifest and stats.json.
+
+The driver streams the input, cuts it into shards of consecutive rows and runs each shard as one
+Ray task (at most 2 x scaling.workers in flight, so a huge input never sits in memory). Shards that
+are already complete (tar + manifest present) are skipped: re-running a finished build does
+nothing and re-running a crashed one finishes the rest. Exact de-duplication, when enabled, is a
+pass over the manifests after all shards are done (see `dedup.py`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from clipforge.cluster.ray_runtime import ray_session
+from clipforge.pipeline.build_stats import build_stats, status_counts_by_shard, summary_table
+from clipforge.pipeline.dedup import dedup_exact
+from clipforge.pipeline.errors import BuildOutputError
+from clipforge.pipeline.inputs import UrlList
+from clipforge.pipeline.layout import OutputLayout, key_digits
+from clipforge.pipeline.sample import SampleSettings
+from clipforge.pipeline.spec import BuildSpec
+from clipforge.pipeline.shard_task import ShardJob, ShardProgress, iter_build_shard
+
+log = logging.getLogger(__name__)
+
+
+class _Progress:
+    """Driver-side progress bar: rows done, ok, failed, images/s of this run."""
+
+    def __init__(self, total: int | None, name: str, enabled: bool):
+        self.bar = tqdm(total=total, unit="row", desc=name, disable=not enabled, dynamic_ncols=True)
+        self.t0 = time.time()
+        self.ok = 0
+        self.failed = 0
+        self.skipped = 0
+
+    def add(self, rows: int, ok: int) -> None:
+        self.ok += ok
+        self.failed += rows - ok
+        self.bar.update(rows)
+        rate = self.ok / max(time.time() - self.t0, 1e-6)
+        self.bar.set_postfix(ok=self.ok, failed=self.failed, img_s=f"{rate:.1f}", refresh=False)
+
+    def skip(self, rows: int) -> None:
+        self.skipped += rows
+        self.bar.update(rows)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Scheduler:
+    """Keeps at most `limit` shard tasks in flight and feeds their progress events to the bar."""
+
+    def __init__(self, task, limit: int, progress: _Progress):
+        self.task = task
+        self.limit = limit
+        self.progress = progress
+        self.inflight: dict[Any, ShardJob] = {}
+        self.reported: dict[int, tuple[int, int]] = {}
+        self.written: set[int] = set()
+
+    def submit(self, job: ShardJob, *args) -> None:
+        while len(self.inflight) >= self.limit:
+            self.poll()
+        self.inflight[self.task.remote(job, *args)] = job
+        self.reported[job.shard] = (0, 0)
+
+    def drain(self) -> None:
+        while self.inflight:
+            self.poll()
+
+    def cancel(self) -> None:
+        import ray
+
+        for gen in self.inflight:
+            try:
+                ray.cancel(gen)
+            except Exception:  # noqa: BLE001 - best effort while already failing
+                pass
+        self.inflight.clear()
+
+    def poll(self) -> None:
+        import ray
+
+        ready, _ = ray.wait(list(self.inflight), num_returns=1)
+        for gen in ready:
+            job = self.inflight[gen]
+            try:
+                event = ray.get(next(gen))
+            except StopIteration:
+                del self.inflight[gen]
+                if job.shard not in self.written:
+                    raise BuildOutputError(f"shard {job.shard}: task ended without a summary") from None
+                continue
+            except Exception as e:
+                raise BuildOutputError(
+                    f"shard {job.shard} (rows {job.rows[0].row}-{job.rows[-1].row}) failed: {e}"
+                ) from e
+            rows, ok = self.reported[job.shard]
+            if isinstance(event, ShardProgress):
+                self.reported[job.shard] = (rows + event.rows, ok + event.ok)
+                self.progress.add(event.rows, event.ok)
+            else:
+                self.written.add(job.shard)
+                counts = event["status_counts"]
+                self.progress.add(event["rows"] - rows, counts.get("ok", 0) - ok)
+
+
+def run_build(spec: BuildSpec, progress: bool = True) -> dict:
+    """Build the dataset described by `spec`; returns the stats also written to stats.json."""
+    t0 = time.time()
+    urls = UrlList(spec.input)  # fails fast on missing files/columns, before any Ray start-up
+    layout = OutputLayout(spec.output.path)
+    try:
+        layout.make_dirs()
+        done = layout.completed_shards()
+    except OSError as e:
+        raise BuildOutputError(f"output.path `{spec.output.path}`: cannot create or list it: {e}") from None
+    settings = SampleSettings(spec.download, spec.resize, spec.filters, spec.output)
+    digits = key_digits(spec.output.samples_per_shard)
+    bar = _Progress(urls.count_rows(), spec.name, progress)
+    shards: list[int] = []
+    sched: _Scheduler | None = None
+    try:
+        with ray_session(spec.ray):
+            import ray
+
+            scaling = spec.scaling
+            options: dict[str, Any] = {"num_cpus": scaling.cpus_per_worker, "num_returns": "streaming"}
+            if scaling.gpus_per_worker:
+                options["num_gpus"] = scaling.gpus_per_worker
+            if scaling.resources:
+                options["resources"] = dict(scaling.resources)
+            task = ray.remote(iter_build_shard).options(**options)
+            sched = _Scheduler(task, limit=2 * scaling.workers, progress=bar)
+            args = (ray.put(settings), layout.portable_url, digits, list(spec.input.extra_cols))
+            try:
+                for job in urls.iter_shards(spec.output.samples_per_shard):
+                    shards.append(job.shard)
+                    if job.shard in done:
+                        bar.skip(len(job.rows))
+                        continue
+                    sched.submit(job, *args)
+                sched.drain()
+            except BaseException:
+                sched.cancel()  # while Ray is still up: a shared cluster must not keep working for nothing
+                raise
+    finally:
+        bar.close()
+
+    dedup = dedup_exact(layout, shards) if spec.filters.dedup_exact else None
+    counts = status_counts_by_shard(layout, shards)
+    extra = {"name": spec.name, "output": spec.output.path, "dedup": dedup,
+             "malformed_input_lines": urls.malformed_lines}
+    stats = build_stats(counts, sched.written if sched else set(), time.time() - t0, extra)
+    layout.write_json(layout.stats, stats)
+    log.info("build %s -> %s\n%s", spec.name, spec.output.path, summary_table(stats))
+    return stats

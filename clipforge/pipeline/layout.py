@@ -1,0 +1,149 @@
+"""Where a build's files live and how they are committed.
+
+Layout under the output path (img2dataset's webdataset layout plus a manifest):
+  00000.tar  00000.parquet  00000_stats.json  ...  manifest/00000.parquet  stats.json
+Every file is written under a hidden temporary name in its final folder and moved into place when
+complete, so no partial file is ever visible under its final name. A shard counts as done when its
+tar and its manifest exist; the manifest is committed last.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+SHARD_DIGITS = 5
+_SHARD_FILE = re.compile(r"^(\d+)\.(tar|parquet)$")
+
+
+def key_digits(samples_per_shard: int) -> int:
+    """Digits of the in-shard index in a sample key (img2dataset: ceil(log10(samples_per_shard)))."""
+    return math.ceil(math.log10(samples_per_shard)) if samples_per_shard > 1 else 0
+
+
+def sample_key(shard: int, index: int, digits: int) -> str:
+    """img2dataset's key: the shard number followed by the zero-padded index in the shard."""
+    return f"{shard * 10**digits + index:0{digits + SHARD_DIGITS}d}"
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:0{SHARD_DIGITS}d}"
+
+
+class OutputLayout:
+    """Paths and atomic writes under one output folder (local or fsspec)."""
+
+    def __init__(self, path: str):
+        self.url = path
+        self.fs, root = fsspec.core.url_to_fs(path)
+        self.root = root.rstrip("/") or "/"
+        self.manifest_dir = f"{self.root}/manifest"
+
+    @property
+    def portable_url(self) -> str:
+        """The output location as other processes must name it: relative local paths made absolute
+        (Ray workers need not share the driver's working directory)."""
+        return self.root if isinstance(self.fs, LocalFileSystem) else self.url
+
+    def tar(self, shard: int) -> str:
+        return f"{self.root}/{shard_name(shard)}.tar"
+
+    def parquet(self, shard: int) -> str:
+        return f"{self.root}/{shard_name(shard)}.parquet"
+
+    def shard_stats(self, shard: int) -> str:
+        return f"{self.root}/{shard_name(shard)}_stats.json"
+
+    def manifest(self, shard: int) -> str:
+        return f"{self.manifest_dir}/{shard_name(shard)}.parquet"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.root}/stats.json"
+
+    def make_dirs(self) -> None:
+        self.fs.makedirs(self.manifest_dir, exist_ok=True)
+
+    def _shards_in(self, folder: str, ext: str) -> set[int]:
+        try:
+            names = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return set()
+        found = set()
+        for name in names:
+            m = _SHARD_FILE.match(name.rstrip("/").rsplit("/", 1)[-1])
+            if m and m.group(2) == ext:
+                found.add(int(m.group(1)))
+        return found
+
+    def completed_shards(self) -> set[int]:
+        """Shards whose tar and manifest both exist (listed once, not probed one by one)."""
+        return self._shards_in(self.root, "tar") & self._shards_in(self.manifest_dir, "parquet")
+
+    def manifest_shards(self) -> list[int]:
+        return sorted(self._shards_in(self.manifest_dir, "parquet"))
+
+    # -- atomic writes ------------------------------------------------------------------------
+
+    def temp_for(self, final: str) -> str:
+        folder, base = final.rsplit("/", 1)
+        # Leading dot: hidden from globs like *.tar and skipped by pyarrow dataset discovery.
+        return f"{folder}/.{base}.tmp-{uuid.uuid4().hex[:12]}"
+
+    def commit(self, tmp: str, final: str) -> None:
+        if isinstance(self.fs, LocalFileSystem):
+            os.replace(tmp, final)  # atomic on one filesystem
+        else:
+            self.fs.mv(tmp, final)
+
+    def remove_quietly(self, path: str) -> None:
+        try:
+            self.fs.rm(path)
+        except (FileNotFoundError, OSError):
+            pass
+
+    def remove_stale_temps(self, shard: int) -> None:
+        """Temporary files a crashed attempt at this shard left behind."""
+        name = shard_name(shard)
+        for folder in (self.root, self.manifest_dir):
+            try:
+                stale = self.fs.glob(f"{folder}/.{name}[._]*.tmp-*")
+            except FileNotFoundError:
+                continue
+            for path in stale:
+                self.remove_quietly(path)
+
+    def write_bytes(self, final: str, data: bytes) -> None:
+        tmp = self.temp_for(final)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.commit(tmp, final)
+        except BaseException:
+            self.remove_quietly(tmp)
+            raise
+
+    def write_json(self, final: str, obj: Any) -> None:
+        self.write_bytes(final, json.dumps(obj, indent=2, sort_keys=False, default=str).encode())
+
+    def write_table(self, final: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.write_bytes(final, buf.getvalue())
+
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def read_json(self, path: str) -> Any:
+        with self.fs.open(path, "rb") as f:
+            return json.load(f)

@@ -1,0 +1,203 @@
+"""Writing one shard: the WebDataset tar as samples arrive, then the per-shard parquet, stats and manifest.
+
+Outcomes arrive in completion order (a slow URL must not hold back the rest), so the tar's member
+order can differ between runs; keys and contents do not. The tables are sorted by input row.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import tarfile
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from clipforge.pipeline import status as st
+from clipforge.pipeline.layout import OutputLayout, sample_key
+from clipforge.pipeline.sample import RowOutcome, caption_text
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int64()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("shard", pa.int64()),
+        pa.field("content_sha256", pa.string()),
+    ]
+)
+
+# The per-shard parquet's own columns (img2dataset's, plus `row`); extra input columns sit after caption.
+_SHARD_COLUMNS = [
+    ("key", pa.string()),
+    ("row", pa.int64()),
+    ("status", pa.string()),
+    ("error_message", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+    ("sha256", pa.string()),
+]
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = mtime
+    info.mode = 0o444
+    tar.addfile(info, fileobj=_Reader(data))
+
+
+class _Reader:
+    """Minimal file object over bytes for tarfile.addfile (avoids a BytesIO copy per member)."""
+
+    def __init__(self, data: bytes):
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n < 0 else self._pos + n
+        chunk = self._view[self._pos : end]
+        self._pos += len(chunk)
+        return bytes(chunk)
+
+
+def sample_json(outcome: RowOutcome, key: str) -> dict[str, Any]:
+    img = outcome.image
+    assert img is not None
+    return {
+        "url": None if outcome.row.url is None else str(outcome.row.url),
+        "caption": outcome.row.caption,
+        "key": key,
+        "row": outcome.row.row,
+        "status": "success",
+        "error_message": None,
+        "width": img.width,
+        "height": img.height,
+        "original_width": img.original_width,
+        "original_height": img.original_height,
+        "sha256": img.sha256,
+        "content_sha256": outcome.content_sha256,
+        **outcome.row.extras,
+    }
+
+
+def _column(values: list[Any], type_: pa.DataType | None = None) -> pa.Array:
+    if type_ is not None:
+        return pa.array(values, type=type_)
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        # Mixed types in an extra column: keep them readable as text rather than fail the shard.
+        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+
+
+class ShardWriter:
+    """Accumulates one shard's outcomes; `commit()` makes the shard visible, `discard()` drops it."""
+
+    def __init__(self, layout: OutputLayout, shard: int, image_format: str, digits: int, extra_cols: list[str]):
+        self.layout = layout
+        self.shard = shard
+        self.image_format = image_format
+        self.digits = digits
+        self.extra_cols = extra_cols
+        self.outcomes: list[RowOutcome] = []
+        self.started = time.time()
+        self._mtime = int(self.started)
+        layout.remove_stale_temps(shard)
+        self._tar_final = layout.tar(shard)
+        self._tar_tmp = layout.temp_for(self._tar_final)
+        self._file = layout.fs.open(self._tar_tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def key(self, outcome: RowOutcome) -> str:
+        return sample_key(self.shard, outcome.index, self.digits)
+
+    def add(self, outcome: RowOutcome) -> None:
+        if outcome.ok and outcome.image is not None:
+            key = self.key(outcome)
+            meta = json.dumps(sample_json(outcome, key), indent=2, default=str).encode()
+            _add_member(self._tar, f"{key}.{self.image_format}", outcome.image.data, self._mtime)
+            _add_member(self._tar, f"{key}.txt", caption_text(outcome.row.caption).encode(), self._mtime)
+            _add_member(self._tar, f"{key}.json", meta, self._mtime)
+            outcome.image.data = b""  # written; the rest of the outcome is small and kept for the tables
+        self.outcomes.append(outcome)
+
+    def discard(self) -> None:
+        try:
+            self._tar.close()
+            self._file.close()
+        finally:
+            self.layout.remove_quietly(self._tar_tmp)
+
+    def commit(self) -> dict[str, Any]:
+        """Close and move the tar into place, then write parquet, stats and (last) the manifest."""
+        self._tar.close()
+        self._file.close()
+        self.layout.commit(self._tar_tmp, self._tar_final)
+        self.outcomes.sort(key=lambda o: o.row.row)
+        self.layout.write_table(self.layout.parquet(self.shard), self._shard_table())
+        ended = time.time()
+        counts = collections.Counter(o.status for o in self.outcomes)
+        self.layout.write_json(self.layout.shard_stats(self.shard), shard_stats(counts, self.started, ended))
+        self.layout.write_table(self.layout.manifest(self.shard), self._manifest_table())
+        return {"shard": self.shard, "rows": len(self.outcomes), "status_counts": dict(counts),
+                "seconds": ended - self.started}
+
+    def _manifest_table(self) -> pa.Table:
+        rows = self.outcomes
+        return pa.Table.from_arrays(
+            [
+                pa.array([o.row.row for o in rows], pa.int64()),
+                pa.array([o.status for o in rows], pa.string()),
+                pa.array([o.error for o in rows], pa.string()),
+                pa.array([self.key(o) if o.ok else None for o in rows], pa.string()),
+                pa.array([self.shard] * len(rows), pa.int64()),
+                pa.array([o.content_sha256 for o in rows], pa.string()),
+            ],
+            schema=MANIFEST_SCHEMA,
+        )
+
+    def _shard_table(self) -> pa.Table:
+        rows = self.outcomes
+        img = [o.image if o.ok else None for o in rows]
+        columns: dict[str, pa.Array] = {
+            "url": _column([None if o.row.url is None else str(o.row.url) for o in rows], pa.string()),
+            "caption": _column([None if o.row.caption is None else str(o.row.caption) for o in rows], pa.string()),
+        }
+        for col in self.extra_cols:
+            columns[col] = _column([o.row.extras.get(col) for o in rows])
+        values = {
+            "key": [self.key(o) for o in rows],
+            "row": [o.row.row for o in rows],
+            "status": [st.img2dataset_status(o.status) for o in rows],
+            "error_message": [None if o.ok else f"{o.status}: {o.error}" for o in rows],
+            "width": [i.width if i else None for i in img],
+            "height": [i.height if i else None for i in img],
+            "original_width": [i.original_width if i else None for i in img],
+            "original_height": [i.original_height if i else None for i in img],
+            "sha256": [i.sha256 if i else None for i in img],
+        }
+        for name, type_ in _SHARD_COLUMNS:
+            columns[name] = _column(values[name], type_)
+        return pa.table(columns)
+
+
+def shard_stats(counts: collections.Counter | dict, started: float, ended: float) -> dict[str, Any]:
+    """img2dataset's `{shard}_stats.json` fields, plus the fine-grained status codes."""
+    coarse = collections.Counter()
+    for code, n in counts.items():
+        coarse[st.img2dataset_status(code)] += n
+    return {
+        "count": sum(counts.values()),
+        "successes": coarse["success"],
+        "failed_to_download": coarse["failed_to_download"],
+        "failed_to_resize": coarse["failed_to_resize"],
+        "filtered": coarse["filtered"],
+        "duration": ended - started,
+        "start_time": started,
+        "end_time": ended,
+        "status_dict": dict(sorted(counts.items())),
+    }
