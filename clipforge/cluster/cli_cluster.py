@@ -1,0 +1,283 @@
+"""Cluster commands of the `clipforge` CLI: submit specs to a Ray cluster, watch and stop its jobs,
+and render specs as KubeRay RayJob manifests.
+
+  clipforge submit SPEC.yaml [field=value ...] --address http://HEAD:8265 [--working-dir DIR] [--no-wait|--follow]
+  clipforge jobs list|status|logs|stop ... --address http://HEAD:8265
+  clipforge render kuberay SPEC.yaml [field=value ...] [--image IMAGE]
+
+`--address` defaults to RAY_API_SERVER_ADDRESS, then RAY_ADDRESS.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+from pathlib import Path
+from typing import List, NoReturn, Optional
+
+import typer
+
+from clipforge.errors import UserError
+
+ADDRESS_HELP = "Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)."
+LOG_TAIL_LINES = 30
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _note(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _load(spec_path: Path, overrides: list[str]):
+    from clipforge.cluster.specs import SpecError, load_spec
+
+    try:
+        return load_spec(spec_path, overrides)
+    except SpecError as e:
+        _fail(str(e), code=2)
+
+
+def _connect(address: str | None, timeout_s: float):
+    from clipforge.cluster.submit import connect
+
+    try:
+        return connect(address, timeout_s)
+    except UserError as e:
+        _fail(str(e))
+
+
+def _quiet_ray_client() -> None:
+    # The job client logs its HTTP chatter at INFO (and sets that level when imported, hence the import
+    # first); the commands print what matters themselves.
+    import ray.job_submission  # noqa: F401
+
+    for name in ("ray", "ray.dashboard", "ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _exit_for(status: str) -> None:
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+def _show_failure(client, job_id: str) -> None:
+    from clipforge.cluster.submit import job_info, job_logs
+
+    info = job_info(client, job_id)
+    if info.message and info.message.strip():
+        # Ray appends the log tail to the message; that tail is printed below, once.
+        _note(f"message: {info.message.strip().splitlines()[0]}")
+    tail = job_logs(client, job_id).rstrip().splitlines()[-LOG_TAIL_LINES:]
+    if tail:
+        _note(f"last {len(tail)} log lines:")
+        for line in tail:
+            _note(f"  {line}")
+
+
+def submit(
+    spec: Path = typer.Argument(..., help="Spec YAML file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides, e.g. optim.lr=1e-4."),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    working_dir: Optional[Path] = typer.Option(
+        None, "--working-dir", help="Folder shipped as the job's working dir (your code/data); the spec is added."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Print the submission id and return at once."),
+    follow: bool = typer.Option(False, "--follow", help="Stream the job's logs until it ends."),
+    submission_id: Optional[str] = typer.Option(None, "--submission-id", help="Job id (default: generated)."),
+    entrypoint_num_cpus: float = typer.Option(0.0, min=0, help="CPUs reserved for the job's driver process."),
+    entrypoint_num_gpus: float = typer.Option(0.0, min=0, help="GPUs reserved for the job's driver process."),
+    timeout_s: float = typer.Option(10.0, "--connect-timeout", min=0.1, help="Seconds to wait for the cluster."),
+) -> None:
+    """Validate a spec and run it as a job on a Ray cluster (`clipforge run` on the cluster)."""
+    from clipforge.cluster.submit import check_runtime_env, follow_logs, submit_spec, wait_for_job
+
+    if no_wait and follow:
+        _fail("--no-wait and --follow exclude each other", code=2)
+    s = _load(spec, overrides or [])
+    try:
+        check_runtime_env(s)
+    except UserError as e:
+        _fail(f"{spec}: {e}", code=2)
+    _quiet_ray_client()
+    client = _connect(address, timeout_s)
+    url = client.get_address()
+    try:
+        job_id = submit_spec(client, s, working_dir=working_dir, submission_id=submission_id,
+                             entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus)
+        typer.echo(job_id)
+        _note(f"submitted `{s.kind}` job {job_id} to {url}")
+        if no_wait:
+            _note(f"follow it with: clipforge jobs logs {job_id} --address {url} --follow")
+            return
+        try:
+            if follow:
+                status = follow_logs(client, job_id, lambda chunk: (sys.stdout.write(chunk), sys.stdout.flush()))
+            else:
+                status = wait_for_job(client, job_id, on_status=lambda st: _note(f"{job_id}: {st}"))
+        except KeyboardInterrupt:
+            _note(f"\nstopped watching; job {job_id} keeps running (stop it: clipforge jobs stop {job_id} "
+                  f"--address {url})")
+            raise typer.Exit(130) from None
+        _note(f"job {job_id} {status}")
+        if status == "FAILED" and not follow:
+            _show_failure(client, job_id)
+    except UserError as e:
+        _fail(str(e))
+    _exit_for(status)
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(start_ms: int | None, end_ms: int | None) -> str:
+    if not start_ms:
+        return "-"
+    end = end_ms or dt.datetime.now(tz=dt.timezone.utc).timestamp() * 1000
+    secs = int(max(0, end - start_ms) / 1000)
+    return f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+
+
+def jobs_list(address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+              timeout_s: float = typer.Option(10.0, "--connect-timeout", min=0.1)) -> None:
+    """List the cluster's jobs, oldest first."""
+    from clipforge.cluster.submit import list_jobs
+
+    _quiet_ray_client()
+    client = _connect(address, timeout_s)
+    try:
+        jobs = list_jobs(client)
+    except UserError as e:
+        _fail(str(e))
+    rows = [("SUBMISSION ID", "STATUS", "KIND", "NAME", "STARTED (UTC)", "DURATION")]
+    for j in jobs:
+        meta = j.metadata or {}
+        rows.append((j.submission_id or j.job_id or "-", j.status.value, meta.get("clipforge.kind", "-"),
+                     meta.get("clipforge.name", "-"), _when(j.start_time), _duration(j.start_time, j.end_time)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def jobs_status(job_id: str = typer.Argument(..., help="Submission id."),
+                address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+                timeout_s: float = typer.Option(10.0, "--connect-timeout", min=0.1)) -> None:
+    """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and its message."""
+    from clipforge.cluster.submit import job_info
+
+    _quiet_ray_client()
+    client = _connect(address, timeout_s)
+    try:
+        info = job_info(client, job_id)
+    except UserError as e:
+        _fail(str(e))
+    typer.echo(f"{job_id}: {info.status.value}")
+    if info.message and info.message.strip():
+        # The first line says what happened; Ray appends the log tail, which `jobs logs` shows in full.
+        typer.echo(f"message: {info.message.strip().splitlines()[0]}")
+
+
+def jobs_logs(job_id: str = typer.Argument(..., help="Submission id."),
+              address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+              follow: bool = typer.Option(False, "--follow", "-f", help="Stream new lines until the job ends."),
+              timeout_s: float = typer.Option(10.0, "--connect-timeout", min=0.1)) -> None:
+    """Print a job's logs (driver stdout/stderr)."""
+    from clipforge.cluster.submit import follow_logs, job_logs
+
+    _quiet_ray_client()
+    client = _connect(address, timeout_s)
+    try:
+        if follow:
+            try:
+                status = follow_logs(client, job_id, lambda chunk: (sys.stdout.write(chunk), sys.stdout.flush()))
+            except KeyboardInterrupt:
+                raise typer.Exit(130) from None
+            _note(f"job {job_id} {status}")
+        else:
+            typer.echo(job_logs(client, job_id), nl=False)
+    except UserError as e:
+        _fail(str(e))
+
+
+def jobs_stop(job_id: str = typer.Argument(..., help="Submission id."),
+              address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+              wait_s: float = typer.Option(30.0, "--wait", min=0, help="Seconds to wait for the job to stop."),
+              timeout_s: float = typer.Option(10.0, "--connect-timeout", min=0.1)) -> None:
+    """Stop a running job and wait until it has stopped."""
+    from clipforge.cluster.submit import TERMINAL, stop_job
+
+    _quiet_ray_client()
+    client = _connect(address, timeout_s)
+    try:
+        status = stop_job(client, job_id, wait_s=wait_s)
+    except UserError as e:
+        _fail(str(e))
+    typer.echo(f"{job_id}: {status}")
+    if status not in TERMINAL:
+        _fail(f"job {job_id} is still {status} after {wait_s:g} s")
+
+
+def render_kuberay(
+    spec: Path = typer.Argument(..., help="Spec YAML file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides."),
+    image: Optional[str] = typer.Option(None, help="Container image with clipforge installed."),
+    namespace: Optional[str] = typer.Option(None, help="Kubernetes namespace of the RayJob."),
+    head_cpus: Optional[int] = typer.Option(None, min=0, help="CPUs of the head pod."),
+    head_memory_gib: Optional[int] = typer.Option(None, min=1, help="Memory of the head pod, GiB."),
+    memory_gib_per_cpu: Optional[float] = typer.Option(None, help="Worker pod memory per CPU, GiB."),
+    ttl_seconds_after_finished: Optional[int] = typer.Option(None, "--ttl", min=0,
+                                                            help="Seconds the finished cluster is kept."),
+    backoff_limit: Optional[int] = typer.Option(None, min=0, help="Retries of a failed job."),
+    submission_mode: Optional[str] = typer.Option(None, help="K8sJobMode or HTTPMode."),
+) -> None:
+    """Print the spec as a KubeRay RayJob manifest (pipe it to `kubectl apply -f -`)."""
+    from pydantic import ValidationError
+
+    from clipforge.cluster.kuberay import KubeRayOptions, manifest_yaml, render_rayjob
+
+    s = _load(spec, overrides or [])
+    given = {"image": image, "namespace": namespace, "head_cpus": head_cpus, "head_memory_gib": head_memory_gib,
+             "memory_gib_per_cpu": memory_gib_per_cpu, "ttl_seconds_after_finished": ttl_seconds_after_finished,
+             "backoff_limit": backoff_limit, "submission_mode": submission_mode}
+    try:
+        options = KubeRayOptions(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", code=2)
+    try:
+        typer.echo(manifest_yaml(render_rayjob(s, options)), nl=False)
+    except UserError as e:
+        _fail(f"{spec}: {e}", code=2)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `submit`, `jobs ...` and `render ...` to the main `clipforge` app."""
+    app.command("submit")(submit)
+    jobs = typer.Typer(no_args_is_help=True, help="Watch, read and stop jobs on a Ray cluster.")
+    jobs.command("list")(jobs_list)
+    jobs.command("status")(jobs_status)
+    jobs.command("logs")(jobs_logs)
+    jobs.command("stop")(jobs_stop)
+    app.add_typer(jobs, name="jobs")
+    render = typer.Typer(no_args_is_help=True, help="Render a spec as a manifest for another system.")
+    render.command("kuberay")(render_kuberay)
+    app.add_typer(render, name="render")
+
+
+def main() -> None:
+    """The cluster commands on their own (`python -m clipforge.cluster.cli_cluster ...`)."""
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help="clipforge cluster commands.")
+    register(app)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()
