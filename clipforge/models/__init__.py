@@ -1,1 +1,45 @@
+"""Dual-encoder models built through open_clip, their losses and the project's checkpoint format.
 
+Names are imported lazily: `clipforge.models.spec` is needed by every job spec, and importing
+open_clip (timm, transformers) costs seconds that spec parsing should not pay.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ModelBundle": "factory",
+    "create_model": "factory",
+    "list_models": "registry",
+    "tower_features": "towers",
+    "ProjectionHeads": "towers",
+    "head_parameter_names": "towers",
+    "ClipLoss": "losses",
+    "create_loss": "losses",
+    "clamp_logit_scale": "losses",
+    "save_checkpoint": "checkpoint",
+    "find_latest_checkpoint": "checkpoint",
+    "load_model_state": "checkpoint",
+    "load_meta": "checkpoint",
+    "load_optimizer_state": "checkpoint",
+    "load_extra": "checkpoint",
+    "ModelSpec": "spec",
+    "LossSpec": "spec",
+    "ModelConfigError": "errors",
+    "PretrainedWeightsError": "errors",
+    "CheckpointError": "errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
