@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from clipforge.models.spec import ModelSpec
 from clipforge.specbase import RayInit, Scaling, Spec
@@ -16,7 +16,18 @@ class RetrievalTask(Spec):
         ..., min_length=1, description="WebDataset shards (files, folders, globs): an image and a .txt whose "
         "non-empty lines are that image's captions."
     )
-    recall_k: list[int] = Field(default_factory=lambda: [1, 5, 10], description="K values for Recall@K.")
+    recall_k: list[int] = Field(
+        default_factory=lambda: [1, 5, 10], min_length=1, description="K values for Recall@K."
+    )
+
+    @field_validator("recall_k")
+    @classmethod
+    def _positive_distinct_k(cls, ks: list[int]) -> list[int]:
+        if any(k < 1 for k in ks):
+            raise ValueError(f"every k must be >= 1, got {ks}")
+        if len(set(ks)) != len(ks):
+            raise ValueError(f"k values must be distinct, got {ks}")
+        return ks
 
 
 class ZeroShotTask(Spec):
@@ -47,3 +58,17 @@ class EvalSpec(Spec):
     batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
     scaling: Scaling = Field(default_factory=lambda: Scaling(workers=2, cpus_per_worker=0.5))
     ray: RayInit = Field(default_factory=RayInit)
+
+    @model_validator(mode="after")
+    def _distinct_outputs(self) -> "EvalSpec":
+        # Each (dataset, task) pair names one result file; a repeat would silently overwrite the first.
+        seen: dict[tuple[str, str], int] = {}
+        for i, t in enumerate(self.tasks):
+            key = (t.dataset.replace("/", "_"), t.task)
+            if key in seen:
+                raise ValueError(
+                    f"tasks #{seen[key]} and #{i} both run {t.task} on dataset {t.dataset!r}; "
+                    "give them different `dataset` names"
+                )
+            seen[key] = i
+        return self

@@ -1,0 +1,121 @@
+"""Evaluation datasets read from storage: caption WebDataset shards and class-per-folder image trees.
+
+Both loaders return light "items" (`{"idx", "bytes"}` or `{"idx", "path"}`) that the Ray Data
+embedding pipeline decodes in parallel; nothing is decoded here.
+"""
+from __future__ import annotations
+
+import posixpath
+import re
+import tarfile
+
+import fsspec
+from fsspec.core import url_to_fs
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# WebDataset sample key: the member path up to the first dot of its file name; the rest is the field.
+_KEY_FIELD = re.compile(r"^((?:.*/|)[^./][^/]*?)\.([^/]*)$")
+
+
+def _expand(path: str, suffixes: tuple[str, ...]) -> list[str]:
+    """A file, a folder (its files with one of `suffixes`) or a glob -> sorted full URLs."""
+    fs, root = url_to_fs(path)
+    if _GLOB_CHARS.search(root):
+        found = [p for p in fs.glob(root) if not fs.isdir(p)]
+    elif fs.isdir(root):
+        found = [p for p in fs.find(root) if p.lower().endswith(suffixes)]
+    elif fs.exists(root):
+        return [path]
+    else:
+        raise ValueError(f"{path}: no such file or folder")
+    if not found:
+        raise ValueError(f"{path}: matches no {'/'.join(suffixes)} files")
+    return [fs.unstrip_protocol(p) if "://" in path else p for p in sorted(found)]
+
+
+def expand_shards(shards: list[str]) -> list[str]:
+    """Shard list with folders and globs expanded to their `.tar` files (given order, each expansion sorted)."""
+    out: list[str] = []
+    for shard in shards:
+        out.extend(_expand(shard, (".tar",)))
+    return out
+
+
+def _read_shard(url: str) -> list[tuple[str, dict[str, bytes]]]:
+    """Samples of one tar shard in file order: (key, {field: bytes})."""
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                m = _KEY_FIELD.match(member.name)
+                if m is None:
+                    continue  # e.g. __index__ files or names without an extension
+                key, field = m.group(1), m.group(2).lower()
+                data = tar.extractfile(member).read()
+                samples.setdefault(key, {})[field] = data
+    except tarfile.TarError as e:
+        raise ValueError(f"{url}: not a readable tar shard ({e})") from None
+    return list(samples.items())
+
+
+def _captions(text: bytes, where: str) -> list[str]:
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: caption file is not UTF-8 ({e})") from None
+    return [line.strip() for line in decoded.splitlines() if line.strip()]
+
+
+def load_retrieval_webdataset(shards: list[str]) -> tuple[list[dict], list[str], list[int]]:
+    """Image items (`idx`, `bytes`), captions, and the image index of each caption.
+
+    Each sample needs one image field and a `.txt` whose non-empty lines are its captions (several
+    lines: several captions of the same image). A sample missing either is an error naming shard and key.
+    """
+    items: list[dict] = []
+    captions: list[str] = []
+    caption_image: list[int] = []
+    for url in expand_shards(shards):
+        for key, fields in _read_shard(url):
+            where = f"{url}: sample {key!r}"
+            image_field = next((f for f in fields if f in IMAGE_EXTS), None)
+            if image_field is None:
+                raise ValueError(f"{where} has no image (fields: {sorted(fields)}; expected one of {IMAGE_EXTS})")
+            if "txt" not in fields:
+                raise ValueError(f"{where} has no .txt caption (fields: {sorted(fields)})")
+            lines = _captions(fields["txt"], where)
+            if not lines:
+                raise ValueError(f"{where}: its .txt holds no non-empty caption line")
+            idx = len(items)
+            items.append({"idx": idx, "bytes": fields[image_field]})
+            captions.extend(lines)
+            caption_image.extend([idx] * len(lines))
+    if not items:
+        raise ValueError(f"shards {shards} hold no samples")
+    return items, captions, caption_image
+
+
+def load_image_folder(folder: str) -> tuple[list[dict], list[int], list[str]]:
+    """Items (`idx`, `path`), labels and the sorted class folder names of `folder/<class>/**/<image>`."""
+    fs, root = url_to_fs(folder)
+    if not fs.isdir(root):
+        raise ValueError(f"{folder}: image folder not found")
+    class_dirs = sorted(
+        (posixpath.basename(p.rstrip("/")), p) for p in fs.ls(root, detail=False) if fs.isdir(p)
+    )
+    if not class_dirs:
+        raise ValueError(f"{folder}: no class sub-folders (expected {folder}/<class>/<image files>)")
+    items: list[dict] = []
+    labels: list[int] = []
+    for label, (name, class_dir) in enumerate(class_dirs):
+        files = sorted(p for p in fs.find(class_dir) if p.lower().rsplit(".", 1)[-1] in IMAGE_EXTS)
+        if not files:
+            raise ValueError(f"{folder}: class folder {name!r} holds no images ({', '.join(IMAGE_EXTS)})")
+        for path in files:
+            url = fs.unstrip_protocol(path) if "://" in folder else path
+            items.append({"idx": len(items), "path": url})
+            labels.append(label)
+    return items, labels, [name for name, _ in class_dirs]
