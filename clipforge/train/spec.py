@@ -51,6 +51,11 @@ class TrainSpec(Spec):
         description="With `model.trainable: heads`, compute the frozen towers' outputs once and train the heads on "
         "them (no augmentation is lost: heads-only training uses the eval transform).",
     )
+    resume: bool = Field(
+        True,
+        description="Continue from the latest complete checkpoint in STORAGE/checkpoints when there is one; "
+        "`false` refuses to start in a run directory that already holds checkpoints.",
+    )
     log_every_steps: int = Field(10, ge=1, description="Append a metrics line every N steps.")
     seed: int = Field(0, description="Seed for data order and initialisation.")
     scaling: Scaling = Field(default_factory=Scaling)

@@ -1,0 +1,75 @@
+"""AdamW with decay only where it regularises, and the warmup + cosine learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from clipforge.train.spec import OptimSpec
+
+
+def _decays(name: str, param: nn.Parameter) -> bool:
+    # Norm scales, biases and embeddings' 1-D vectors are not weights to shrink; nor is the temperature.
+    return param.ndim >= 2 and "logit_scale" not in name
+
+
+def build_optimizer(module: nn.Module, spec: OptimSpec) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad: weight decay on >=2-D weights, none elsewhere."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if _decays(name, p) else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("nothing to train: no parameter requires grad (check model.trainable)")
+    groups = [
+        {"params": decay, "weight_decay": spec.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps
+    )
+
+
+def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup to `peak`, then cosine to 0 at the end."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return 0.5 * peak * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine:
+    """Sets the optimizer's learning rate before each step.
+
+    Only the step position is state: on resume the curve is recomputed from the current spec, so a run
+    extended to more epochs stretches its decay instead of replaying the old one.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, spec: OptimSpec, total_steps: int):
+        self.optimizer = optimizer
+        self.peak = spec.lr
+        self.warmup_steps = spec.warmup_steps
+        self.total_steps = total_steps
+        self.step_index = 0
+
+    def apply(self) -> float:
+        lr = lr_at(self.step_index, self.peak, self.warmup_steps, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def advance(self) -> None:
+        self.step_index += 1
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": "warmup_cosine",
+            "step": self.step_index,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_index = int(state["step"])

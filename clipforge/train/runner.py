@@ -1,0 +1,103 @@
+"""`kind: train` on Ray Train: one TorchTrainer fit, our own files in the run directory.
+
+The run directory (`spec.storage`) receives spec.yaml (at start), metrics.jsonl, checkpoints/ and
+summary.json (at the end). Ray's own experiment state goes to STORAGE/ray for local runs and to a
+temporary folder otherwise; nothing there is needed after the run.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+
+from clipforge.cluster.ray_runtime import ray_session
+from clipforge.cluster.specs import dump_spec
+from clipforge.train.checkpoints import refuse_existing
+from clipforge.train.loop import train_loop_per_worker
+from clipforge.train.shards import expand_shards
+from clipforge.train.spec import TrainSpec
+from clipforge.train.storage import is_local, join, read_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+
+class TrainingFailed(RuntimeError):
+    """A training worker raised; the message is the worker's own error."""
+
+
+def _scaling_config(spec: TrainSpec):
+    from ray.train import ScalingConfig
+
+    s = spec.scaling
+    resources = {"CPU": s.cpus_per_worker, **s.resources}
+    if s.gpus_per_worker > 0:
+        resources["GPU"] = s.gpus_per_worker
+    return ScalingConfig(num_workers=s.workers, use_gpu=s.gpus_per_worker > 0, resources_per_worker=resources)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The worker exception inside Ray's wrappers (TrainingFailedError -> WorkerGroupError -> RayTaskError)."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        worker_failures = getattr(err, "worker_failures", None)
+        if worker_failures:
+            err = next(iter(worker_failures.values()))
+            continue
+        cause = getattr(err, "cause", None) or err.__cause__
+        if cause is None:
+            break
+        err = cause
+    return err
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def with_absolute_paths(spec: TrainSpec) -> TrainSpec:
+    """Local paths made absolute on the driver: workers do not share its working directory."""
+    model = spec.model
+    if model.checkpoint:
+        model = model.model_copy(update={"checkpoint": _absolute(model.checkpoint)})
+    data = spec.data.model_copy(update={"shards": [_absolute(s) for s in spec.data.shards]})
+    return spec.model_copy(update={"storage": _absolute(spec.storage), "model": model, "data": data})
+
+
+def run_train(spec: TrainSpec) -> dict:
+    """Train as `spec` says; returns the run summary, also written to STORAGE/summary.json."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t0 = time.time()
+    spec = with_absolute_paths(spec)
+    refuse_existing(spec)
+    # Fail before any worker starts when the shard list names nothing (workers expand it again themselves).
+    expand_shards(spec.data.shards)
+    write_text(join(spec.storage, "spec.yaml"), dump_spec(spec))
+    with contextlib.ExitStack() as stack:
+        if is_local(spec.storage):
+            ray_storage = join(spec.storage, "ray")
+        else:
+            ray_storage = stack.enter_context(tempfile.TemporaryDirectory(prefix="clipforge-ray-"))
+        stack.enter_context(ray_session(spec.ray))
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"spec": spec.model_dump(mode="json")},
+            torch_config=TorchConfig(backend="nccl" if spec.scaling.gpus_per_worker > 0 else "gloo"),
+            scaling_config=_scaling_config(spec),
+            run_config=ray.train.RunConfig(name=spec.name, storage_path=ray_storage),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # noqa: BLE001 - re-raised with the worker's own message
+            cause = _root_cause(e)
+            raise TrainingFailed(f"training `{spec.name}` failed: {type(cause).__name__}: {cause}") from e
+    summary = read_json(join(spec.storage, "summary.json"))
+    summary["wall_seconds"] = time.time() - t0
+    write_json(join(spec.storage, "summary.json"), summary)
+    log.info("training `%s` done: %d steps, final loss %s, checkpoint %s", spec.name, summary["steps"],
+             summary["final_loss"], summary["checkpoint"])
+    return summary
