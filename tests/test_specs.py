@@ -104,3 +104,22 @@ def test_cli_schema_lists_documented_fields():
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_example_specs_validate(path):
     load_spec(path)
+
+
+EVAL_OK = """\
+kind: eval
+storage: /tmp/out
+model: {name: tiny}
+tasks:
+  - task: retrieval
+    dataset: d
+    shards: [/tmp/shards]
+    recall_k: [1, 0]
+"""
+
+
+def test_error_path_inside_a_task_list_has_no_union_tag(tmp_path):
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, EVAL_OK))
+    assert "field `tasks.0.recall_k`" in str(e.value)
+    assert "spec.yaml:8:" in str(e.value)

@@ -100,12 +100,28 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _format_errors(err: ValidationError, lines: dict[tuple, int], source: str) -> str:
+def _yaml_path(loc: tuple, data: Any) -> tuple:
+    """Drop the union tags pydantic puts in error locations (`train`, `retrieval`, ...): they are not YAML keys."""
+    out: list = []
+    node = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(part, str) and isinstance(node, dict) and part not in node and not last:
+            continue
+        out.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(out)
+
+
+def _format_errors(err: ValidationError, lines: dict[tuple, int], source: str, data: Any = None) -> str:
     msgs = []
     for e in err.errors():
-        loc = [p for p in e["loc"] if not (isinstance(p, str) and p in KINDS)]
-        # Union tags ("build"/"train"/"eval") appear in pydantic locations; they are not YAML fields.
-        path = tuple(loc)
+        path = _yaml_path(e["loc"], data)
         line = None
         for n in range(len(path), 0, -1):
             if path[:n] in lines:
@@ -139,7 +155,7 @@ def validate_spec(data: Any, lines: dict[tuple, int] | None = None, source: str 
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as e:
-        raise SpecError(_format_errors(e, lines or {}, source)) from None
+        raise SpecError(_format_errors(e, lines or {}, source, data)) from None
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None):
