@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import copy
 import hashlib
+import logging
 import os
 import secrets
 import shlex
@@ -23,6 +24,8 @@ from urllib.parse import urlsplit
 from clipforge import __version__
 from clipforge.cluster.kuberay import cluster_spec_text, dns1123_name
 from clipforge.errors import UserError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DASHBOARD_PORT = 8265
 ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
@@ -214,20 +217,29 @@ def job_metadata(spec) -> dict[str, str]:
 
 
 def submit_spec(client, spec, *, working_dir: str | Path | None = None, submission_id: str | None = None,
-                entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0) -> str:
+                entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0, agent_wait_s: float = 60.0) -> str:
     """Submit a validated spec; returns the submission id. The job's driver reserves `entrypoint_num_*`
     (0 by default: the driver only coordinates, its workers reserve what the spec's `scaling` says)."""
     check_runtime_env(spec)
     job_id = submission_id or new_submission_id(spec)
     with staged_job(spec, working_dir) as (entrypoint, runtime_env), cluster_errors(client.get_address()):
-        return client.submit_job(
-            entrypoint=entrypoint,
-            runtime_env=runtime_env,
-            submission_id=job_id,
-            metadata=job_metadata(spec),
-            entrypoint_num_cpus=entrypoint_num_cpus or None,
-            entrypoint_num_gpus=entrypoint_num_gpus or None,
-        )
+        deadline = time.monotonic() + agent_wait_s
+        while True:
+            try:
+                return client.submit_job(
+                    entrypoint=entrypoint,
+                    runtime_env=runtime_env,
+                    submission_id=job_id,
+                    metadata=job_metadata(spec),
+                    entrypoint_num_cpus=entrypoint_num_cpus or None,
+                    entrypoint_num_gpus=entrypoint_num_gpus or None,
+                )
+            except RuntimeError as e:
+                # A head that has just started answers before its job agent is up; that passes by itself.
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                log.info("the cluster's job agent is not ready yet; retrying the submission")
+                time.sleep(2.0)
 
 
 def job_info(client, job_id: str):
