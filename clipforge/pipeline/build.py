@@ -3,8 +3,12 @@
 The driver streams the input, cuts it into shards of consecutive rows and runs each shard as one
 Ray task (at most 2 x scaling.workers in flight, so a huge input never sits in memory). Shards that
 are already complete (tar + manifest present) are skipped: re-running a finished build does
-nothing and re-running a crashed one finishes the rest. Exact de-duplication, when enabled, is a
-pass over the manifests after all shards are done (see `dedup.py`).
+nothing and re-running a crashed one finishes the rest. Filters that need every shard (exact and
+near de-duplication, CLIP score) run after all shards are done (see `post_filters.py`).
+
+Remote outputs: `output.storage_options` travel with each task; AWS_* settings of the driver's
+environment are handed to the tasks as runtime_env variables (see `remote_env.py`). With
+`download.per_domain_rps`, one small actor holds the build's per-host token buckets.
 """
 from __future__ import annotations
 
@@ -16,10 +20,11 @@ from tqdm import tqdm
 
 from clipforge.cluster.ray_runtime import ray_session
 from clipforge.pipeline.build_stats import build_stats, status_counts_by_shard, summary_table
-from clipforge.pipeline.dedup import dedup_exact
 from clipforge.pipeline.errors import BuildOutputError
 from clipforge.pipeline.inputs import UrlList
 from clipforge.pipeline.layout import OutputLayout, key_digits
+from clipforge.pipeline.post_filters import run_post_filters
+from clipforge.pipeline.remote_env import forwarded_env
 from clipforge.pipeline.sample import SampleSettings
 from clipforge.pipeline.spec import BuildSpec
 from clipforge.pipeline.shard_task import ShardJob, ShardProgress, iter_build_shard
@@ -110,34 +115,53 @@ class _Scheduler:
                 self.progress.add(event["rows"] - rows, counts.get("ok", 0) - ok)
 
 
+def _task_options(spec: BuildSpec, env: dict[str, str]) -> dict[str, Any]:
+    scaling = spec.scaling
+    options: dict[str, Any] = {"num_cpus": scaling.cpus_per_worker, "num_returns": "streaming"}
+    if scaling.gpus_per_worker:
+        options["num_gpus"] = scaling.gpus_per_worker
+    if scaling.resources:
+        options["resources"] = dict(scaling.resources)
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    return options
+
+
+def _open_output(spec: BuildSpec) -> tuple[OutputLayout, set[int]]:
+    try:
+        layout = OutputLayout(spec.output.path, spec.output.storage_options)
+        layout.make_dirs()
+        return layout, layout.completed_shards()
+    except (OSError, TypeError, ValueError, ImportError) as e:
+        raise BuildOutputError(f"output.path `{spec.output.path}`: cannot create or list it: {e}") from None
+
+
 def run_build(spec: BuildSpec, progress: bool = True) -> dict:
     """Build the dataset described by `spec`; returns the stats also written to stats.json."""
     t0 = time.time()
     urls = UrlList(spec.input)  # fails fast on missing files/columns, before any Ray start-up
-    layout = OutputLayout(spec.output.path)
-    try:
-        layout.make_dirs()
-        done = layout.completed_shards()
-    except OSError as e:
-        raise BuildOutputError(f"output.path `{spec.output.path}`: cannot create or list it: {e}") from None
+    layout, done = _open_output(spec)
+    env = forwarded_env(layout.is_local)
     settings = SampleSettings(spec.download, spec.resize, spec.filters, spec.output)
     digits = key_digits(spec.output.samples_per_shard)
     bar = _Progress(urls.count_rows(), spec.name, progress)
     shards: list[int] = []
     sched: _Scheduler | None = None
+    limiter_actor = None
     try:
         with ray_session(spec.ray):
             import ray
 
-            scaling = spec.scaling
-            options: dict[str, Any] = {"num_cpus": scaling.cpus_per_worker, "num_returns": "streaming"}
-            if scaling.gpus_per_worker:
-                options["num_gpus"] = scaling.gpus_per_worker
-            if scaling.resources:
-                options["resources"] = dict(scaling.resources)
-            task = ray.remote(iter_build_shard).options(**options)
-            sched = _Scheduler(task, limit=2 * scaling.workers, progress=bar)
-            args = (ray.put(settings), layout.portable_url, digits, list(spec.input.extra_cols))
+            limiter = None
+            if spec.download.per_domain_rps:
+                from clipforge.pipeline.ratelimit import start_shared_limiter
+
+                limiter, limiter_actor = start_shared_limiter(spec.download.per_domain_rps,
+                                                              spec.download.per_domain_burst)
+            task = ray.remote(iter_build_shard).options(**_task_options(spec, env))
+            sched = _Scheduler(task, limit=2 * spec.scaling.workers, progress=bar)
+            args = (ray.put(settings), layout.portable_url, digits, list(spec.input.extra_cols),
+                    layout.storage_options, limiter)
             try:
                 for job in urls.iter_shards(spec.output.samples_per_shard):
                     shards.append(job.shard)
@@ -149,12 +173,16 @@ def run_build(spec: BuildSpec, progress: bool = True) -> dict:
             except BaseException:
                 sched.cancel()  # while Ray is still up: a shared cluster must not keep working for nothing
                 raise
+            finally:
+                if limiter_actor is not None:
+                    ray.kill(limiter_actor)
+            bar.close()
+            filtered = run_post_filters(layout, shards, spec.filters, spec.output.image_format, env)
     finally:
         bar.close()
 
-    dedup = dedup_exact(layout, shards) if spec.filters.dedup_exact else None
     counts = status_counts_by_shard(layout, shards)
-    extra = {"name": spec.name, "output": spec.output.path, "dedup": dedup,
+    extra = {"name": spec.name, "output": spec.output.path, **filtered,
              "malformed_input_lines": urls.malformed_lines}
     stats = build_stats(counts, sched.written if sched else set(), time.time() - t0, extra)
     layout.write_json(layout.stats, stats)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from typing import Callable
 from urllib.parse import urljoin
 
 import urllib3
@@ -57,8 +58,9 @@ def _retry_after(value: str | None) -> float | None:
 class Fetcher:
     """Thread-safe downloader shared by the threads of one shard task."""
 
-    def __init__(self, cfg: DownloadSpec, max_pools: int = 256):
+    def __init__(self, cfg: DownloadSpec, max_pools: int = 256, limiter: Callable[[str], None] | None = None):
         self.cfg = cfg
+        self.limiter = limiter  # called with the host before every request (redirect hops and retries too)
         self.policy = AddressPolicy(allow_private=cfg.allow_private_networks)
         self.ua_token = user_agent_token(cfg.user_agent)
         self._timeout = urllib3.Timeout(connect=cfg.timeout_s, read=cfg.timeout_s)
@@ -144,6 +146,8 @@ class Fetcher:
         except ResolveFailed as e:
             raise FetchFailed(st.CONNECTION_ERROR, str(e), retryable=True) from None
         pool = self._pool(target.scheme, ip, target.port, target.host)
+        if self.limiter is not None:
+            self.limiter(target.host)
         try:
             return pool.urlopen(
                 "GET",

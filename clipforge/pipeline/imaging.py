@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipforge.pipeline import status as st
+from clipforge.pipeline.phash import phash, to_hex
 from clipforge.pipeline.spec import FilterSpec, ResizeSpec
 
 _WHITE = (255, 255, 255)
@@ -47,6 +48,7 @@ class EncodedImage:
     original_width: int
     original_height: int
     sha256: str  # of `data`, the bytes stored in the shard
+    phash: str | None = None  # perceptual hash of the stored pixels (16 hex digits)
 
 
 def target_size(width: int, height: int, resize: ResizeSpec) -> tuple[int, int]:
@@ -173,4 +175,5 @@ def process_image(
         encoded = _encode(img, image_format, quality)
     except (OSError, ValueError) as e:
         raise ImageRejected(st.NOT_AN_IMAGE, f"cannot encode {img.width}x{img.height} as {image_format}: {e}") from None
-    return EncodedImage(encoded, img.width, img.height, orig_w, orig_h, hashlib.sha256(encoded).hexdigest())
+    return EncodedImage(encoded, img.width, img.height, orig_w, orig_h, hashlib.sha256(encoded).hexdigest(),
+                        to_hex(phash(img)))

@@ -59,7 +59,10 @@ class UrlList:
     def __init__(self, spec: InputSpec, batch_rows: int = 8192):
         self.spec = spec
         self.batch_rows = batch_rows
-        self.fs, base = fsspec.core.url_to_fs(spec.path)
+        try:
+            self.fs, base = fsspec.core.url_to_fs(spec.path, **spec.storage_options)
+        except (TypeError, ValueError, ImportError) as e:
+            raise BuildInputError(f"input.path `{spec.path}` / input.storage_options: {e}") from None
         self.files = self._discover(base)
         self.columns = [spec.url_col] + ([spec.caption_col] if spec.caption_col else []) + list(spec.extra_cols)
         for f in self.files:

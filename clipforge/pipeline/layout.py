@@ -2,9 +2,12 @@
 
 Layout under the output path (img2dataset's webdataset layout plus a manifest):
   00000.tar  00000.parquet  00000_stats.json  ...  manifest/00000.parquet  stats.json
-Every file is written under a hidden temporary name in its final folder and moved into place when
-complete, so no partial file is ever visible under its final name. A shard counts as done when its
-tar and its manifest exist; the manifest is committed last.
+No partial file is ever visible under its final name. On local (and other move-capable) filesystems
+each file is written under a hidden temporary name in its final folder and moved into place when
+complete. On S3 an object only appears once its upload completes, so files are written to their final
+key directly: small ones in a single PUT, tars as a multipart upload that is completed on commit and
+aborted on failure (a killed writer leaves an invisible upload, which the next attempt aborts).
+A shard counts as done when its tar and its manifest exist; the manifest is committed last.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import math
 import os
 import re
 import uuid
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -23,6 +26,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 SHARD_DIGITS = 5
 _SHARD_FILE = re.compile(r"^(\d+)\.(tar|parquet)$")
+# Object stores where a write is invisible until the upload completes, and a rename is a full copy.
+_UPLOAD_ATOMIC_PROTOCOLS = frozenset({"s3", "s3a"})
 
 
 def key_digits(samples_per_shard: int) -> int:
@@ -42,17 +47,24 @@ def shard_name(shard: int) -> str:
 class OutputLayout:
     """Paths and atomic writes under one output folder (local or fsspec)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, storage_options: dict[str, Any] | None = None):
         self.url = path
-        self.fs, root = fsspec.core.url_to_fs(path)
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(path, **self.storage_options)
         self.root = root.rstrip("/") or "/"
         self.manifest_dir = f"{self.root}/manifest"
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        self.upload_atomic = bool(_UPLOAD_ATOMIC_PROTOCOLS & set(protocols))
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
 
     @property
     def portable_url(self) -> str:
         """The output location as other processes must name it: relative local paths made absolute
         (Ray workers need not share the driver's working directory)."""
-        return self.root if isinstance(self.fs, LocalFileSystem) else self.url
+        return self.root if self.is_local else self.url
 
     def tar(self, shard: int) -> str:
         return f"{self.root}/{shard_name(shard)}.tar"
@@ -74,6 +86,8 @@ class OutputLayout:
         self.fs.makedirs(self.manifest_dir, exist_ok=True)
 
     def _shards_in(self, folder: str, ext: str) -> set[int]:
+        # Listings of remote filesystems are cached per process; other processes wrote since.
+        self.fs.invalidate_cache(folder)
         try:
             names = self.fs.ls(folder, detail=False)
         except FileNotFoundError:
@@ -100,10 +114,14 @@ class OutputLayout:
         return f"{folder}/.{base}.tmp-{uuid.uuid4().hex[:12]}"
 
     def commit(self, tmp: str, final: str) -> None:
-        if isinstance(self.fs, LocalFileSystem):
+        if self.is_local:
             os.replace(tmp, final)  # atomic on one filesystem
         else:
             self.fs.mv(tmp, final)
+
+    def open_atomic(self, final: str) -> "AtomicFile":
+        """A file written in pieces that appears under `final` only when committed."""
+        return AtomicFile(self, final)
 
     def remove_quietly(self, path: str) -> None:
         try:
@@ -112,8 +130,11 @@ class OutputLayout:
             pass
 
     def remove_stale_temps(self, shard: int) -> None:
-        """Temporary files a crashed attempt at this shard left behind."""
+        """Temporary files (or, on S3, unfinished uploads) a crashed attempt at this shard left behind."""
         name = shard_name(shard)
+        if self.upload_atomic:
+            self._abort_stale_uploads(self.tar(shard))
+            return
         for folder in (self.root, self.manifest_dir):
             try:
                 stale = self.fs.glob(f"{folder}/.{name}[._]*.tmp-*")
@@ -122,7 +143,22 @@ class OutputLayout:
             for path in stale:
                 self.remove_quietly(path)
 
+    def _abort_stale_uploads(self, final: str) -> None:
+        # Best effort: an unfinished upload is invisible and harmless, it only costs storage until
+        # the bucket's lifecycle rules drop it.
+        try:
+            bucket, key, _ = self.fs.split_path(final)
+            listing = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
+            for upload in listing.get("Uploads", []):
+                if upload.get("Key") == key:
+                    self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+        except Exception:  # noqa: BLE001 - never fail a shard over housekeeping
+            pass
+
     def write_bytes(self, final: str, data: bytes) -> None:
+        if self.upload_atomic:
+            self.fs.pipe_file(final, data)  # one upload: the object appears whole or not at all
+            return
         tmp = self.temp_for(final)
         try:
             with self.fs.open(tmp, "wb") as f:
@@ -147,3 +183,46 @@ class OutputLayout:
     def read_json(self, path: str) -> Any:
         with self.fs.open(path, "rb") as f:
             return json.load(f)
+
+
+class AtomicFile:
+    """Write-only file that becomes visible under its final name on `commit()`; `discard()` leaves no trace.
+
+    Local and generic filesystems: a hidden temporary file, moved into place on commit.
+    S3: a multipart upload to the final key (autocommit off), completed on commit, aborted on discard.
+    """
+
+    def __init__(self, layout: OutputLayout, final: str):
+        self.layout = layout
+        self.final = final
+        self.direct = layout.upload_atomic
+        self.path = final if self.direct else layout.temp_for(final)
+        self._file: BinaryIO = (layout.fs.open(final, "wb", autocommit=False) if self.direct
+                                else layout.fs.open(self.path, "wb"))
+        self._done = False
+
+    def write(self, data: bytes) -> int:
+        return self._file.write(data)
+
+    def commit(self) -> None:
+        self._file.close()
+        if self.direct:
+            self._file.commit()
+        else:
+            self.layout.commit(self.path, self.final)
+        self._done = True
+
+    def discard(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self.direct:
+            try:
+                self._file.discard()
+            finally:
+                self._file.closed = True  # discarded: nothing may be flushed on close or garbage collection
+            return
+        try:
+            self._file.close()
+        finally:
+            self.layout.remove_quietly(self.path)

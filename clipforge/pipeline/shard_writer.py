@@ -25,6 +25,10 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("key", pa.string()),
         pa.field("shard", pa.int64()),
         pa.field("content_sha256", pa.string()),
+        # 64-bit perceptual hash of the stored image (16 hex digits), for the near-duplicate filter.
+        pa.field("phash", pa.string()),
+        # Image-caption similarity, once the CLIP-score filter has scored the row.
+        pa.field("clip_score", pa.float32()),
     ]
 )
 
@@ -107,9 +111,7 @@ class ShardWriter:
         self.started = time.time()
         self._mtime = int(self.started)
         layout.remove_stale_temps(shard)
-        self._tar_final = layout.tar(shard)
-        self._tar_tmp = layout.temp_for(self._tar_final)
-        self._file = layout.fs.open(self._tar_tmp, "wb")
+        self._file = layout.open_atomic(layout.tar(shard))
         self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
 
     def key(self, outcome: RowOutcome) -> str:
@@ -128,15 +130,13 @@ class ShardWriter:
     def discard(self) -> None:
         try:
             self._tar.close()
-            self._file.close()
         finally:
-            self.layout.remove_quietly(self._tar_tmp)
+            self._file.discard()
 
     def commit(self) -> dict[str, Any]:
         """Close and move the tar into place, then write parquet, stats and (last) the manifest."""
         self._tar.close()
-        self._file.close()
-        self.layout.commit(self._tar_tmp, self._tar_final)
+        self._file.commit()
         self.outcomes.sort(key=lambda o: o.row.row)
         self.layout.write_table(self.layout.parquet(self.shard), self._shard_table())
         ended = time.time()
@@ -156,6 +156,8 @@ class ShardWriter:
                 pa.array([self.key(o) if o.ok else None for o in rows], pa.string()),
                 pa.array([self.shard] * len(rows), pa.int64()),
                 pa.array([o.content_sha256 for o in rows], pa.string()),
+                pa.array([o.image.phash if o.ok and o.image else None for o in rows], pa.string()),
+                pa.array([None] * len(rows), pa.float32()),
             ],
             schema=MANIFEST_SCHEMA,
         )

@@ -1,10 +1,11 @@
 """Typed spec of a dataset build (`kind: build`): URL list in, WebDataset shards + manifest out."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from clipforge.models.spec import ModelSpec
 from clipforge.specbase import RayInit, Scaling, Spec
 
 
@@ -23,6 +24,10 @@ class InputSpec(Spec):
     url_col: str = Field("url", description="Column holding the image URL.")
     caption_col: str | None = Field("caption", description="Column holding the caption (None: no captions).")
     extra_cols: list[str] = Field(default_factory=list, description="Columns copied into each sample's .json.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for input.path, e.g. {endpoint_url: ..., key: ..., secret: ...} for s3://.",
+    )
 
     @field_validator("extra_cols")
     @classmethod
@@ -41,6 +46,22 @@ class OutputSpec(Spec):
     samples_per_shard: int = Field(1000, ge=1, description="Rows of the input per output shard.")
     image_format: Literal["jpg", "png", "webp"] = Field("jpg", description="Encoding of the stored images.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for output.path (also used by every shard task), e.g. an S3 endpoint_url.",
+    )
+
+
+class StragglerSpec(Spec):
+    """When a shard may finish without its last few slow rows (they would otherwise hold up the build)."""
+
+    max_remaining_fraction: float = Field(
+        0.01, gt=0, le=1,
+        description="A shard may give up on at most this fraction of its rows (rounded down, at least 1 row).",
+    )
+    stuck_seconds: float = Field(
+        30.0, gt=0, description="...and only once no row of the shard has finished for this many seconds.",
+    )
 
 
 class DownloadSpec(Spec):
@@ -60,6 +81,15 @@ class DownloadSpec(Spec):
         False, description="Allow loopback/private/link-local addresses. Off by default: never fetch internal hosts."
     )
     user_agent: str = Field("clipforge/0.1 (+https://github.com/clipforge)", description="HTTP User-Agent.")
+    straggler: StragglerSpec | None = Field(
+        None, description="Cut off a shard's last stuck rows as `skipped_straggler` (None: wait for every row).",
+    )
+    per_domain_rps: float | None = Field(
+        None, gt=0, description="Most requests per second to any one host, across all workers (None: no limit).",
+    )
+    per_domain_burst: int = Field(
+        1, ge=1, description="Requests a host may get back to back before per_domain_rps spacing applies.",
+    )
 
 
 class ResizeSpec(Spec):
@@ -69,12 +99,41 @@ class ResizeSpec(Spec):
     )
 
 
+class ClipScoreSpec(Spec):
+    """Image-text similarity filter run on the finished shards with a pool of model actors."""
+
+    model: ModelSpec = Field(..., description="The scoring model (a clipforge/open_clip config and weights).")
+    threshold: float | None = Field(
+        None, ge=-1, le=1, description="Keep pairs whose cosine similarity is at least this.",
+    )
+    top_fraction: float | None = Field(
+        None, gt=0, le=1, description="Keep this fraction of the scored pairs, highest scores first.",
+    )
+    batch_size: int = Field(64, ge=1, description="Pairs per model call.")
+    workers: int = Field(2, ge=1, description="Scoring actors.")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each actor reserves (fractional on small machines).")
+
+    @model_validator(mode="after")
+    def _one_rule_at_least(self) -> "ClipScoreSpec":
+        if self.threshold is None and self.top_fraction is None:
+            raise ValueError("set clip_score.threshold, clip_score.top_fraction or both")
+        return self
+
+
 class FilterSpec(Spec):
     min_image_size: int = Field(0, ge=0, description="Drop images whose shorter side is below this (pixels).")
     max_aspect_ratio: float | None = Field(None, gt=0, description="Drop images with long/short side above this.")
     min_caption_chars: int = Field(0, ge=0, description="Drop rows whose caption is shorter.")
     max_caption_chars: int | None = Field(None, ge=1, description="Drop rows whose caption is longer.")
     dedup_exact: bool = Field(False, description="Drop exact duplicate images (same content hash), keep the first.")
+    near_dup_max_distance: int | None = Field(
+        None, ge=0, le=16,
+        description="Drop images whose 64-bit perceptual hash is within this Hamming distance of an earlier "
+        "kept image's, as `near_duplicate` (None: off).",
+    )
+    clip_score: ClipScoreSpec | None = Field(
+        None, description="Drop image-caption pairs a CLIP model scores low, as `filtered_clip_score` (None: off).",
+    )
 
 
 class BuildSpec(Spec):

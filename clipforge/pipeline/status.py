@@ -21,6 +21,10 @@ BAD_ASPECT_RATIO = "bad_aspect_ratio"
 CAPTION_TOO_SHORT = "caption_too_short"
 CAPTION_TOO_LONG = "caption_too_long"
 DUPLICATE = "duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+FILTERED_CLIP_SCORE = "filtered_clip_score"
+# Given up on by the straggler cutoff: the shard finished without waiting for this row's answer.
+SKIPPED_STRAGGLER = "skipped_straggler"
 
 
 def http_status(code: int) -> str:
@@ -30,11 +34,12 @@ def http_status(code: int) -> str:
 # Codes decided after the bytes arrived: img2dataset reports these as failed resizes.
 _AFTER_DOWNLOAD = {NOT_AN_IMAGE, TOO_MANY_PIXELS, TOO_SMALL, BAD_ASPECT_RATIO}
 # Rows dropped by a choice of the build rather than a failure.
-_FILTERED = {CAPTION_TOO_SHORT, CAPTION_TOO_LONG, DUPLICATE}
+_FILTERED = {CAPTION_TOO_SHORT, CAPTION_TOO_LONG, DUPLICATE, NEAR_DUPLICATE, FILTERED_CLIP_SCORE}
 
 
 def img2dataset_status(code: str) -> str:
-    """`ok` -> success; decode/image filters -> failed_to_resize; caption/dedup -> filtered; else failed_to_download."""
+    """`ok` -> success; decode/image filters -> failed_to_resize; caption, dedup and score filters -> filtered;
+    anything else (straggler cutoff included) -> failed_to_download."""
     if code == OK:
         return "success"
     if code in _AFTER_DOWNLOAD:
