@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The torch build is pinned first so that no other package pulls a different (multi-GB) build.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo demo-tiny test test-fast clean
+.PHONY: venv browser demo demo-tiny test test-fast clean
 
 venv: $(STAMP)
 
@@ -24,7 +24,14 @@ demo: venv
 demo-tiny: venv
 	$(PY) -m clipforge demo --tiny --out runs/demo-tiny
 
-test: venv
+# Headless Chromium + chromedriver for the dashboard's browser tests (Debian packages; skipped when not root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	    (apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null)) || \
+	    echo "note: chromium not installed; browser tests will be skipped"; }
+
+test: venv browser
 	$(PY) -m pytest -q
 
 test-fast: venv

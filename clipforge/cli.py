@@ -87,6 +87,12 @@ from clipforge.cluster.cli_cluster import register as _register_cluster_commands
 
 _register_cluster_commands(app)
 
+from clipforge.dashboard.cli import register as _register_dashboard_commands  # noqa: E402
+from clipforge.export.cli import register as _register_export_commands  # noqa: E402
+
+_register_dashboard_commands(app)
+_register_export_commands(app)
+
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,0 +1,48 @@
+"""`clipforge dashboard --runs PATH`: the monitoring web UI over a folder of runs."""
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `dashboard` command to the clipforge CLI."""
+
+    @app.command()
+    def dashboard(
+        runs: str = typer.Option(..., "--runs", help="Folder of run directories: a local path or an fsspec URL "
+                                 "(s3://bucket/runs)."),
+        host: str = typer.Option("127.0.0.1", help="Address to bind; the default serves this machine only."),
+        port: int = typer.Option(8050, help="TCP port (0 picks a free one)."),
+        max_depth: int = typer.Option(4, help="Folder levels below --runs searched for runs."),
+        no_compute_estimates: bool = typer.Option(False, "--no-compute-estimates",
+                                                  help="Do not build models to estimate params and GMACs."),
+        no_try: bool = typer.Option(False, "--no-try", help="Disable the 'try it' page (no model loading)."),
+    ) -> None:
+        """Serve the runs table, run pages, comparisons, scaling fits and a 'try it' page (read-only)."""
+        from pydantic import ValidationError
+
+        from clipforge.dashboard.server import DashboardServer
+        from clipforge.dashboard.spec import DashboardSpec
+        from clipforge.dashboard.tree import PathNotFound
+
+        try:
+            spec = DashboardSpec(runs=runs, host=host, port=port, max_depth=max_depth,
+                                 estimate_compute=not no_compute_estimates, enable_try=not no_try)
+        except ValidationError as e:
+            typer.echo(f"error: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", err=True)
+            raise typer.Exit(2) from None
+        try:
+            server = DashboardServer(spec)
+        except PathNotFound as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            typer.echo(f"error: cannot listen on {host}:{port}: {e.strerror or e}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"clipforge dashboard for {server.dashboard.tree.url}: {server.url}/  (Ctrl-C stops)")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()

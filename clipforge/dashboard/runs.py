@@ -1,0 +1,377 @@
+"""Finding run directories under the runs folder and summarising each one as a row of the runs table.
+
+A run directory holds metrics.jsonl, summary.json or results.json (an eval job's output), or just
+spec.yaml (a training run that has not logged yet). A directory with sweep.json, or any directory
+holding run directories, is a group (a sweep): its runs show it in the `sweep` column.
+
+Status: `failed` if FAILED or error.json is newer than the run's other files, `finished` if
+summary.json exists (eval outputs are finished), `running` if metrics.jsonl changed within the
+running window, else `stopped`.
+
+Rows are cached per run and rebuilt only from the files whose size or modification time changed;
+a growing metrics.jsonl is read from where the last scan stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from clipforge.dashboard import sweeps
+from clipforge.dashboard.evals import EVAL_SUBDIRS, RESULTS_FILE, best_of, eval_files, read_results
+from clipforge.dashboard.metrics_log import MetricsDigest
+from clipforge.dashboard.model_cost import ModelCosts
+from clipforge.dashboard.spec import DashboardSpec
+from clipforge.dashboard.spec_header import spec_header
+from clipforge.dashboard.tree import Entry, PathNotFound, RunTree, join_rel
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+SPEC_FILE = "spec.yaml"
+FAILURE_FILES = ("FAILED", "error.json")
+RUN_MARKERS = (METRICS_FILE, SUMMARY_FILE, RESULTS_FILE)
+# Folders inside runs that never hold other runs, and are often large.
+SKIP_DIRS = {"checkpoints", "ray", "__pycache__", "node_modules"}
+
+
+@dataclass
+class RunDir:
+    id: str
+    entries: dict[str, Entry]
+
+
+@dataclass
+class Group:
+    id: str
+    runs: list[str] = field(default_factory=list)
+    sweep: dict | None = None  # sweep.json, when there is one
+    child_values: dict[str, dict] = field(default_factory=dict)  # child folder -> its swept field values
+
+
+def discover(tree: RunTree, max_depth: int) -> tuple[list[RunDir], dict[str, Group]]:
+    """Run directories and groups under the root, breadth first, at most `max_depth` levels down."""
+    runs: list[RunDir] = []
+    groups: dict[str, Group] = {}
+    frontier: deque[tuple[str, int]] = deque([("", 0)])
+    while frontier:
+        rel, depth = frontier.popleft()
+        try:
+            # Names first: folders that are not runs (data, shards) may hold thousands of files.
+            listing = tree.listdir(rel, stat=False)
+        except (PathNotFound, OSError):
+            continue
+        entries = {e.name: e for e in listing}
+        is_group = sweeps.SWEEP_FILE in entries
+        if not is_group and any(m in entries and not entries[m].is_dir for m in RUN_MARKERS):
+            runs.append(RunDir(rel, {e.name: e for e in tree.with_stats(rel, listing)}))
+            continue
+        if is_group:
+            sweep = sweeps.read_sweep_file(tree, join_rel(rel, sweeps.SWEEP_FILE))
+            groups[rel] = Group(rel, sweep=sweep, child_values=sweeps.child_values(sweep))
+        # A directory with only spec.yaml is a run that has not logged yet, unless runs are found below it.
+        pending_run = SPEC_FILE in entries and not is_group
+        if depth < max_depth:
+            skip = SKIP_DIRS | set(EVAL_SUBDIRS) if pending_run else SKIP_DIRS
+            for e in sorted(listing, key=lambda x: x.name):
+                if e.is_dir and not e.name.startswith(".") and e.name not in skip:
+                    frontier.append((join_rel(rel, e.name), depth + 1))
+        if pending_run:
+            runs.append(RunDir(rel, {e.name: e for e in tree.with_stats(rel, listing)}))
+    # Parents are known only now: a run's group is its nearest ancestor that holds runs.
+    holds_runs = {r.id.rsplit("/", i)[0] for r in runs for i in range(1, r.id.count("/") + 1)}
+    if any(r.id for r in runs):
+        holds_runs.add("")
+    runs = [r for r in runs if r.id not in holds_runs]
+    for r in runs:
+        if r.id:
+            parent = r.id.rsplit("/", 1)[0] if "/" in r.id else ""
+            if parent:
+                groups.setdefault(parent, Group(parent)).runs.append(r.id)
+    return runs, groups
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """Pause the cycle collector: a scan allocates hundreds of thousands of small objects (none in cycles),
+    which would otherwise trigger repeated full collections of everything the process holds."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _sig(entries: dict[str, Entry], name: str) -> tuple | None:
+    e = entries.get(name)
+    return None if e is None or e.is_dir else (e.size, e.mtime)
+
+
+def _read_json(tree: RunTree, path: str) -> dict | None:
+    try:
+        obj = json.loads(tree.read_bytes(path))
+    except (OSError, ValueError):
+        return None  # half-written or unreadable: shown as missing until the next scan
+    return obj if isinstance(obj, dict) else None
+
+
+def _failure_message(tree: RunTree, run_id: str, entries: dict[str, Entry]) -> str | None:
+    for name in FAILURE_FILES:
+        if name in entries and not entries[name].is_dir:
+            try:
+                text = tree.read_text(join_rel(run_id, name)).strip()
+            except OSError:
+                return f"{name} present"
+            if name.endswith(".json"):
+                try:
+                    obj = json.loads(text)
+                    if isinstance(obj, dict):
+                        text = str(obj.get("message") or obj.get("error") or obj)
+                except ValueError:
+                    pass
+            return (text.splitlines() or [f"{name} present"])[0][:500]
+    return None
+
+
+@dataclass
+class _Cached:
+    """What was read from one run directory, with the file signatures it was read at."""
+
+    sigs: dict = field(default_factory=dict)
+    header: dict = field(default_factory=dict)
+    summary: dict | None = None
+    digest: MetricsDigest = field(default_factory=MetricsDigest)
+    file_evals: dict[str, float] = field(default_factory=dict)
+    eval_model: str | None = None
+    failure: str | None = None
+    changed: bool = True
+    row: dict | None = None
+    row_key: tuple | None = None
+
+
+class RunIndex:
+    """Scans the runs folder on demand and keeps the per-run summaries between scans (thread-safe)."""
+
+    def __init__(self, tree: RunTree, spec: DashboardSpec, costs: ModelCosts | None = None):
+        self.tree = tree
+        self.spec = spec
+        self.costs = costs or ModelCosts(enabled=spec.estimate_compute)
+        self._cache: dict[str, _Cached] = {}
+        self._lock = threading.Lock()
+        self._snapshot: tuple[float, list[dict], dict[str, Group]] | None = None
+
+    def scan(self, max_age_s: float | None = None) -> tuple[list[dict], dict[str, Group]]:
+        """(rows, groups), rescanning unless the last scan is younger than `max_age_s`."""
+        max_age = self.spec.rescan_interval_s if max_age_s is None else max_age_s
+        with self._lock:
+            if self._snapshot and time.monotonic() - self._snapshot[0] < max_age:
+                return self._snapshot[1], self._snapshot[2]
+            with _no_gc():
+                runs, groups = discover(self.tree, self.spec.max_depth)
+                now = time.time()
+                rows = [self._row(r, groups, now) for r in runs]
+            live = {r.id for r in runs}
+            for stale in set(self._cache) - live:
+                del self._cache[stale]
+            self._snapshot = (time.monotonic(), rows, groups)
+            return rows, groups
+
+    def row(self, run_id: str) -> dict | None:
+        """The up-to-date row of one run, re-reading only that run's folder when the last scan knew it
+        (a run page polls every few seconds; rescanning thousands of runs for it would be waste)."""
+        with self._lock:
+            known = self._snapshot is not None and any(r["id"] == run_id for r in self._snapshot[1])
+            if known:
+                _, rows, groups = self._snapshot
+                try:
+                    entries = {e.name: e for e in self.tree.listdir(run_id)}
+                except (PathNotFound, OSError):
+                    entries = None
+                if entries is not None:
+                    row = self._row(RunDir(run_id, entries), groups, time.time())
+                    for i, old in enumerate(rows):
+                        if old["id"] == run_id:
+                            rows[i] = row
+                    return row
+        rows, _ = self.scan()
+        return next((r for r in rows if r["id"] == run_id), None)
+
+    # -- one run -------------------------------------------------------------------------------
+
+    def _refresh(self, run: RunDir) -> _Cached:
+        """Re-read what changed in the run's folder; `changed` says whether anything did."""
+        c = self._cache.get(run.id)
+        if c is None:
+            c = self._cache[run.id] = _Cached()
+        before = dict(c.sigs)
+        e = run.entries
+        sig = _sig(e, SPEC_FILE)
+        if sig != c.sigs.get(SPEC_FILE):
+            c.header = {}
+            if sig is not None:
+                try:
+                    c.header = spec_header(self.tree.read_text(join_rel(run.id, SPEC_FILE)))
+                except Exception:  # noqa: BLE001 - a broken spec leaves the spec columns blank
+                    c.header = {}
+            c.sigs[SPEC_FILE] = sig
+        sig = _sig(e, SUMMARY_FILE)
+        if sig != c.sigs.get(SUMMARY_FILE):
+            c.summary = _read_json(self.tree, join_rel(run.id, SUMMARY_FILE)) if sig else None
+            c.sigs[SUMMARY_FILE] = sig
+        self._refresh_metrics(run, c)
+        self._refresh_evals(run, c)
+        sig = tuple(_sig(e, n) for n in FAILURE_FILES)
+        if sig != c.sigs.get("failure"):
+            c.failure = _failure_message(self.tree, run.id, e) if any(sig) else None
+            c.sigs["failure"] = sig
+        c.changed = c.sigs != before
+        return c
+
+    def _refresh_metrics(self, run: RunDir, c: _Cached) -> None:
+        sig = _sig(run.entries, METRICS_FILE)
+        if sig == c.sigs.get(METRICS_FILE):
+            return
+        c.sigs[METRICS_FILE] = sig
+        path = join_rel(run.id, METRICS_FILE)
+        if sig is None:
+            c.digest = MetricsDigest()
+            return
+        try:
+            if sig[0] >= c.digest.offset and c.digest.offset:
+                if c.digest.continue_with(self.tree.read_bytes(path, c.digest.resume_start())):
+                    return
+            digest = MetricsDigest()
+            digest.feed(self.tree.read_bytes(path))
+            c.digest = digest
+        except OSError as err:
+            log.warning("cannot read %s: %s", path, err)
+            c.sigs[METRICS_FILE] = None
+
+    def _refresh_evals(self, run: RunDir, c: _Cached) -> None:
+        files: list[tuple[str, Entry]] = []
+        if RESULTS_FILE in run.entries and not run.entries[RESULTS_FILE].is_dir:
+            files.append((join_rel(run.id, RESULTS_FILE), run.entries[RESULTS_FILE]))
+        try:
+            files += eval_files(self.tree, run.id, run.entries)
+        except (PathNotFound, OSError):
+            pass
+        sig = tuple((p, f.size, f.mtime) for p, f in files)
+        if sig == c.sigs.get("evals"):
+            return
+        c.sigs["evals"] = sig
+        results = read_results(self.tree, [p for p, _ in files]) if files else []
+        c.file_evals = best_of(results)
+        c.eval_model = next((str(r.get("model")) for r in results if r.get("model")), None)
+
+    def _row(self, run: RunDir, groups: dict[str, Group], now: float) -> dict:
+        c = self._refresh(run)
+        parent = run.id.rsplit("/", 1)[0] if "/" in run.id else ""
+        group = groups.get(parent)
+        header = c.header
+        model_section = header.get("model") if isinstance(header.get("model"), dict) else {}
+        model = model_section.get("name") or c.eval_model
+        e = run.entries
+        kind = header.get("kind") or ("eval" if RESULTS_FILE in e else "train" if METRICS_FILE in e else "run")
+        cost = self.costs.get(model) if kind == "train" else None
+        swept = group.child_values.get(run.id.rsplit("/", 1)[-1], {}) if group else {}
+        key = (cost, swept, tuple((n, x.mtime) for n, x in e.items() if not x.is_dir))
+        if not c.changed and c.row is not None and c.row_key == key:
+            c.row["status"] = self._status(e, c, now)
+            return c.row
+        row = self._build_row(run, c, now, cost)
+        row.update(sweep=parent or None, swept=swept, kind=kind, model=model,
+                   trainable=model_section.get("trainable"))
+        c.row, c.row_key = row, key
+        return row
+
+    def _build_row(self, run: RunDir, c: _Cached, now: float, cost) -> dict:
+        e = run.entries
+        header, summary, digest = c.header, c.summary or {}, c.digest
+        last = digest.last or {}
+        params, gmacs = _number(summary.get("params")), _number(summary.get("gmacs"))
+        if cost is not None:
+            params = params if params is not None else cost.params
+            gmacs = gmacs if gmacs is not None else cost.gmacs
+        samples_seen = _number(summary.get("samples_seen"))
+        if samples_seen is None:
+            samples_seen = _number(last.get("samples_seen"))
+        evals = dict(c.file_evals)
+        for k, v in digest.best_evals.items():
+            evals.setdefault(k, v)
+        return {
+            "id": run.id,
+            "name": str(header.get("name") or (run.id.rsplit("/", 1)[-1] if run.id else "(root)")),
+            "dir": run.id.rsplit("/", 1)[-1] if run.id else "",
+            "status": self._status(e, c, now),
+            "error": c.failure,
+            "params": params,
+            "gmacs": gmacs,
+            "samples_seen": samples_seen,
+            "compute": gmacs * samples_seen if gmacs is not None and samples_seen is not None else None,
+            "evals": evals,
+            "step": _number(summary.get("steps")) or _number(last.get("step")),
+            "epoch": _number(last.get("epoch")) or _number(summary.get("epochs")),
+            "loss": _number(last.get("loss")) if last else _number(summary.get("final_loss")),
+            "wall_seconds": _wall_seconds(summary, digest, last, e),
+            "samples_per_second": _number(summary.get("samples_per_second")) or _number(
+                last.get("samples_per_second")),
+            "updated": max((x.mtime for x in e.values() if not x.is_dir), default=None),
+        }
+
+    def _status(self, e: dict[str, Entry], c: _Cached, now: float) -> str:
+        if any(n in e for n in FAILURE_FILES):
+            newest_other = max((x.mtime for n, x in e.items() if not x.is_dir and n not in FAILURE_FILES),
+                               default=0.0)
+            marker = max((e[n].mtime for n in FAILURE_FILES if n in e and not e[n].is_dir), default=None)
+            if marker is not None and marker >= newest_other:
+                return "failed"
+        if SUMMARY_FILE in e or (RESULTS_FILE in e and METRICS_FILE not in e):
+            return "finished"
+        m = e.get(METRICS_FILE)
+        if m is not None and now - m.mtime <= self.spec.running_window_s:
+            return "running"
+        return "stopped"
+
+
+def _number(v) -> float | int | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return v if v == v else None  # NaN -> None
+
+
+def _wall_seconds(summary: dict, digest: MetricsDigest, last: dict, entries: dict[str, Entry]) -> float | None:
+    wall = _number(summary.get("wall_seconds"))
+    if wall is not None:
+        return float(wall)
+    end = _number(last.get("time"))
+    if end is None:
+        return None
+    spec_entry = entries.get(SPEC_FILE)
+    if spec_entry is not None and spec_entry.mtime <= end:
+        start = spec_entry.mtime  # written when the run started
+    else:
+        start = _number((digest.first or {}).get("time"))
+    return float(end - start) if start is not None else None
+
+
+def read_eval_results(tree: RunTree, run: RunDir) -> list[dict]:
+    """Every eval result of a run (its results.json and its eval folders)."""
+    files = []
+    if RESULTS_FILE in run.entries:
+        files.append(join_rel(run.id, RESULTS_FILE))
+    try:
+        files += [p for p, _ in eval_files(tree, run.id, run.entries)]
+    except (PathNotFound, OSError):
+        pass
+    return read_results(tree, files)
+
+
+__all__ = ["RunIndex", "RunDir", "Group", "discover", "read_eval_results"]

@@ -1,0 +1,92 @@
+"""The scaling page's data: each run's compute and error on one eval metric, the frontier and the fit."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from clipforge.dashboard.metrics_log import lower_is_better
+from clipforge.dashboard.scaling import DEFAULT_BINS_PER_DECADE, ScalingFitError, fit_power_law
+
+# Metrics offered first when the page does not name one.
+PREFERRED_METRIC_ENDINGS = ("/acc1", "/image_retrieval_recall@1", "/text_retrieval_recall@1")
+CURVE_POINTS = 64
+
+
+def in_group(row: dict, group: str) -> bool:
+    if not group:
+        return True
+    sweep = row.get("sweep") or ""
+    return sweep == group or sweep.startswith(group + "/")
+
+
+def default_metric(metrics: list[str]) -> str | None:
+    for ending in PREFERRED_METRIC_ENDINGS:
+        for m in metrics:
+            if m.endswith(ending):
+                return m
+    return metrics[0] if metrics else None
+
+
+def error_of(metric: str, value: float) -> float:
+    """Lower-is-better metrics are errors already; scores in [0, 1] become 1 - score."""
+    return value if lower_is_better(metric) else 1.0 - value
+
+
+def scaling_payload(rows: list[dict], group: str, metric: str | None, bins_per_decade: int = DEFAULT_BINS_PER_DECADE,
+                    target_error: float | None = None, confidence: float = 0.95) -> dict:
+    members = [r for r in rows if in_group(r, group)]
+    metrics = sorted({k for r in members for k in r.get("evals", {}) if not k.rsplit("/", 1)[-1].startswith("n_")})
+    metric = metric if metric in metrics else default_metric(metrics)
+    points, skipped = [], []
+    for r in members:
+        value = r.get("evals", {}).get(metric) if metric else None
+        compute = r.get("compute")
+        if value is None or compute is None:
+            skipped.append({"id": r["id"], "reason": "no compute estimate" if compute is None else f"no {metric}"})
+            continue
+        err = error_of(metric, value)
+        if not (err > 0 and compute > 0):
+            skipped.append({"id": r["id"], "reason": f"error {err:g} or compute {compute:g} is not positive"})
+            continue
+        points.append({"id": r["id"], "name": r["name"], "compute": compute, "error": err,
+                       "samples_seen": r.get("samples_seen"), "model": r.get("model"), "swept": r.get("swept")})
+    out = {"group": group, "metric": metric, "metrics": metrics, "bins_per_decade": bins_per_decade,
+           "points": points, "skipped": skipped, "frontier": [], "fit": None, "curve": [], "target": None,
+           "fit_error": None, "compute_unit": "GMAC"}
+    if len(points) < 2:
+        out["fit_error"] = f"{len(points)} run(s) with both a compute estimate and {metric or 'an eval metric'}; " \
+                           "a fit needs runs in at least 2 compute bins"
+        return out
+    compute = np.array([p["compute"] for p in points])
+    error = np.array([p["error"] for p in points])
+    try:
+        fit, front = fit_power_law(compute, error, bins_per_decade, confidence)
+    except ScalingFitError as e:
+        out["frontier"] = []
+        out["fit_error"] = str(e)
+        return out
+    out["frontier"] = [points[i]["id"] for i in front.indices]
+    out["fit"] = fit.to_dict()
+    lo_c, hi_c = float(compute.min()), float(compute.max())
+    if target_error is not None and target_error > 0:
+        try:
+            needed = fit.compute_for_error(target_error)
+            out["target"] = {"error": target_error, "compute": needed}
+            if math.isfinite(needed) and needed > 0:
+                lo_c, hi_c = min(lo_c, needed), max(hi_c, needed)
+        except ValueError as e:
+            out["target"] = {"error": target_error, "compute": None, "message": str(e)}
+    grid = np.logspace(math.log10(lo_c) - 0.1, math.log10(hi_c) + 0.1, CURVE_POINTS)
+    mid = fit.predict(grid)
+    if math.isfinite(fit.se_alpha):
+        band_lo, band_hi = fit.band(grid)
+    else:
+        band_lo = band_hi = [None] * len(grid)
+    out["curve"] = [{"compute": float(c), "error": float(m), "lo": _f(lo), "hi": _f(hi)}
+                    for c, m, lo, hi in zip(grid, mid, band_lo, band_hi)]
+    return out
+
+
+def _f(v) -> float | None:
+    return None if v is None else float(v)

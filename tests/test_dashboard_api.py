@@ -1,0 +1,567 @@
+"""The dashboard's HTTP API on a real in-process server over run folders written here.
+
+Covers: the runs list (status, sweep, kind, compute, best evals), the run page payload, live
+metrics by byte offset (corrupt and half-written lines), path traversal in every parameter
+(.., absolute, %2e%2e, %252e%252e, symlinks out of the folder), and an fsspec (memory://) folder.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from clipforge.cluster.specs import dump_spec
+from clipforge.dashboard.server import start_in_thread
+from clipforge.dashboard.spec import DashboardSpec
+from clipforge.train.spec import TrainSpec
+
+SECRET = "TOP-SECRET-OUTSIDE-THE-RUNS-FOLDER"
+
+
+# -- fixture run folders ---------------------------------------------------------------------------
+
+def train_spec_yaml(name: str, storage: str, model: str = "tiny") -> str:
+    spec = TrainSpec.model_validate({"kind": "train", "name": name, "storage": storage, "model": {"name": model},
+                                     "data": {"shards": ["/data/shards"], "batch_size": 8}})
+    return dump_spec(spec)
+
+
+def metric_lines(steps: int, every: int = 5, batch: int = 8, t0: float = 1.7e9, evals: dict | None = None,
+                 rate: float = 0.05, first: int = 1) -> list[str]:
+    lines = []
+    for i in range(first, first + steps):
+        step = i * every
+        rec = {"step": step, "epoch": 1 + step // 50, "loss": 4.0 / (1 + rate * step), "lr": 1e-3 * min(1, step / 10),
+               "logit_scale": 14.3 + 0.01 * step, "samples_per_second": 100.0 + i, "step_time": 0.08,
+               "data_wait": 0.02, "grad_norm": 1.0 / i, "memory": 1e8 + i, "time": t0 + i,
+               "samples_seen": step * batch}
+        for key, values in (evals or {}).items():
+            if i - first < len(values) and values[i - first] is not None:
+                rec[f"eval/{key}"] = values[i - first]
+        lines.append(json.dumps(rec))
+    return lines
+
+
+def write_run(root: Path, rel: str, *, steps: int = 6, summary: dict | None = None, evals: dict | None = None,
+              corrupt: bool = False, half_line: bool = False, spec: bool = True, model: str = "tiny",
+              rate: float = 0.05) -> Path:
+    run = root / rel
+    run.mkdir(parents=True, exist_ok=True)
+    if spec:
+        (run / "spec.yaml").write_text(train_spec_yaml(rel.replace("/", "-"), str(run), model))
+    lines = metric_lines(steps, evals=evals, rate=rate)
+    if corrupt:
+        lines.insert(2, '{"step": 11, "loss": 3.9, "lr"')  # a line cut by a crash, then the run went on
+        lines.insert(4, "\x00\x00garbage")
+    text = "\n".join(lines) + "\n"
+    if half_line:
+        text += '{"step": 999, "loss": 1.2'
+    if steps:
+        (run / "metrics.jsonl").write_text(text)
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def set_mtime(path: Path, seconds_ago: float) -> None:
+    t = time.time() - seconds_ago
+    os.utime(path, (t, t))
+
+
+def make_runs_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    outside = tmp_path / "outside"
+    (outside / "secret").mkdir(parents=True)
+    (outside / "secret" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.0, "note": SECRET}) + "\n")
+    (outside / "secret.txt").write_text(SECRET)
+
+    alpha = write_run(root, "alpha", steps=6, corrupt=True, half_line=True,
+                      summary={"steps": 30, "samples_seen": 240, "samples_per_second": 123.0, "wall_seconds": 42.0,
+                               "final_loss": 1.6, "params": 1_000_000, "gmacs": 0.5},
+                      evals={"fashion/acc1": [None, 0.2, None, 0.35, None, 0.3]})
+    (alpha / "eval" / "trained").mkdir(parents=True)
+    (alpha / "eval" / "trained" / "results.json").write_text(json.dumps([
+        {"dataset": "tux", "model": "tiny", "pretrained": "trained", "task": "retrieval", "language": "en",
+         "metrics": {"image_retrieval_recall@1": 0.25, "text_retrieval_recall@1": 0.5, "n_images": 40}},
+        {"dataset": "fashion", "model": "tiny", "pretrained": "trained", "task": "zeroshot_classification",
+         "language": "en", "metrics": {"acc1": 0.4, "acc5": float("nan"), "n_classes": 3}},
+    ], allow_nan=True))
+    ckpt = alpha / "checkpoints" / "epoch_0001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 30, "epoch": 1, "samples_seen": 240, "loss": 1.6,
+                                                "model_name": "tiny", "spec": {"model": {"name": "tiny"}}}))
+    (alpha / "checkpoints" / "epoch_0002").mkdir()  # incomplete: no meta.json
+
+    sweep = root / "sweep"
+    for i, lr in enumerate((1e-3, 3e-3)):
+        write_run(root, f"sweep/lr{i}", steps=4, rate=0.03 + 0.04 * i,
+                  summary={"samples_seen": 160 * (i + 1), "params": 10, "gmacs": 2.0},
+                  evals={"fashion/acc1": [0.1, 0.2 + i * 0.1, 0.15, None]})
+    (sweep / "sweep.json").write_text(json.dumps({"fields": ["optim.lr"], "children": [
+        {"dir": "lr0", "values": {"optim.lr": 1e-3}}, {"dir": "lr1", "values": {"optim.lr": 3e-3}}]}))
+
+    write_run(root, "live", steps=3)  # metrics written just now, no summary: running
+    old = write_run(root, "old", steps=3)
+    set_mtime(old / "metrics.jsonl", 3600)
+    broken = write_run(root, "broken", steps=2)
+    (broken / "error.json").write_text(json.dumps({"message": "CUDA out of memory at step 10"}))
+    fresh = root / "fresh"
+    fresh.mkdir()
+    (fresh / "spec.yaml").write_text(train_spec_yaml("fresh", str(fresh)))
+    set_mtime(fresh / "spec.yaml", 3600)
+    evalonly = root / "evals" / "untrained"
+    evalonly.mkdir(parents=True)
+    (evalonly / "results.json").write_text(json.dumps([
+        {"dataset": "fashion", "model": "tiny", "pretrained": "untrained", "task": "zeroshot_classification",
+         "language": "en", "metrics": {"acc1": 0.1}}]))
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("not a run")
+    linked = root / "linked"
+    linked.mkdir()
+    (linked / "spec.yaml").write_text(train_spec_yaml("linked", str(linked)))
+    (linked / "metrics.jsonl").symlink_to(outside / "secret" / "metrics.jsonl")
+    (root / "escape").symlink_to(outside / "secret", target_is_directory=True)
+    (root / "alpha" / "secret.txt").symlink_to(outside / "secret.txt")
+    return root
+
+
+# -- server ----------------------------------------------------------------------------------------
+
+class Client:
+    def __init__(self, url: str):
+        self.url = url
+        self.host, self.port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+
+    def raw(self, path: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
+        """Send `path` exactly as given (no client-side normalisation); returns (status, body bytes)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def get(self, path: str, **params):
+        query = ("?" + urllib.parse.urlencode(params)) if params else ""
+        status, body = self.raw(path + query)
+        return status, json.loads(body)
+
+
+@pytest.fixture()
+def runs_folder(tmp_path) -> Path:
+    return make_runs_folder(tmp_path)
+
+
+@pytest.fixture()
+def client(runs_folder):
+    spec = DashboardSpec(runs=str(runs_folder), port=0, estimate_compute=False, rescan_interval_s=0)
+    server, thread = start_in_thread(spec)
+    try:
+        yield Client(server.url)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def rows_by_id(client: Client) -> dict[str, dict]:
+    status, data = client.get("/api/runs")
+    assert status == 200
+    return {r["id"]: r for r in data["runs"]}
+
+
+# -- runs list -------------------------------------------------------------------------------------
+
+def test_runs_list_finds_every_run_with_status_kind_and_sweep(client):
+    rows = rows_by_id(client)
+    assert set(rows) == {"alpha", "sweep/lr0", "sweep/lr1", "live", "old", "broken", "fresh", "evals/untrained",
+                         "linked"}
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "alpha": "finished", "sweep/lr0": "finished", "sweep/lr1": "finished", "live": "running", "old": "stopped",
+        "broken": "failed", "fresh": "stopped", "evals/untrained": "finished", "linked": "stopped"}
+    assert rows["broken"]["error"] == "CUDA out of memory at step 10"
+    assert rows["evals/untrained"]["kind"] == "eval" and rows["evals/untrained"]["model"] == "tiny"
+    assert rows["fresh"]["kind"] == "train" and rows["fresh"]["model"] == "tiny" and rows["fresh"]["step"] is None
+    assert rows["sweep/lr1"]["sweep"] == "sweep" and rows["alpha"]["sweep"] is None
+    assert rows["sweep/lr1"]["swept"] == {"optim.lr": 3e-3}
+    assert rows["alpha"]["name"] == "alpha" and rows["sweep/lr0"]["name"] == "sweep-lr0"
+
+
+def test_runs_list_numbers_come_from_summary_metrics_and_evals(client):
+    rows = rows_by_id(client)
+    alpha = rows["alpha"]
+    assert alpha["samples_seen"] == 240 and alpha["params"] == 1_000_000 and alpha["gmacs"] == 0.5
+    assert alpha["compute"] == pytest.approx(120.0)
+    assert alpha["wall_seconds"] == 42.0 and alpha["samples_per_second"] == 123.0
+    # Best of the eval lines in metrics.jsonl (0.35) and of the eval folder's files; counts are not scores.
+    assert alpha["evals"]["fashion/acc1"] == pytest.approx(0.4)
+    assert alpha["evals"]["tux/image_retrieval_recall@1"] == pytest.approx(0.25)
+    assert not any(k.endswith("n_images") or k.endswith("acc5") for k in alpha["evals"])
+    assert rows["sweep/lr1"]["evals"] == {"fashion/acc1": pytest.approx(0.3)}
+    # Without a summary: the last valid metrics line.
+    live = rows["live"]
+    assert live["step"] == 15 and live["samples_seen"] == 120 and live["compute"] is None
+    assert live["samples_per_second"] == 103.0
+
+
+def test_groups_and_metric_names(client):
+    status, data = client.get("/api/runs")
+    groups = {g["id"]: g for g in data["groups"]}
+    assert groups["sweep"] == {"id": "sweep", "runs": 2, "fields": ["optim.lr"]}
+    assert "evals" in groups
+    assert {"fashion/acc1", "tux/image_retrieval_recall@1"} <= set(data["metrics"])
+
+
+def test_new_run_appears_and_changed_status_is_seen(client, runs_folder):
+    assert "late" not in rows_by_id(client)
+    write_run(runs_folder, "late", steps=2)
+    assert rows_by_id(client)["late"]["status"] == "running"
+    (runs_folder / "late" / "summary.json").write_text(json.dumps({"samples_seen": 16}))
+    assert rows_by_id(client)["late"]["status"] == "finished"
+
+
+def test_row_follows_a_growing_and_a_rewritten_log(client, runs_folder):
+    path = runs_folder / "live" / "metrics.jsonl"
+    assert rows_by_id(client)["live"]["evals"] == {}
+    with open(path, "a") as f:  # an eval line, then half of the next line
+        f.write(metric_lines(1, first=4, evals={"ds/acc1": [0.5]})[0] + "\n" + '{"step": 25, "eval/ds/acc1": 0.9')
+    row = rows_by_id(client)["live"]
+    assert row["evals"] == {"ds/acc1": 0.5} and row["step"] == 20  # the half line counts for nothing yet
+    with open(path, "a") as f:
+        f.write(', "loss": 1.0}\n')
+    row = rows_by_id(client)["live"]
+    assert row["evals"] == {"ds/acc1": 0.9} and row["step"] == 25 and row["loss"] == 1.0
+    # A resumed run rewrites the log from its checkpoint: the best of the dropped lines must not stick.
+    path.write_text("\n".join(metric_lines(2, evals={"ds/acc1": [0.3, 0.2]})) + "\n" + "x" * 200 + "\n")
+    row = rows_by_id(client)["live"]
+    assert row["evals"] == {"ds/acc1": 0.3} and row["step"] == 10
+
+
+# -- one run and live metrics ----------------------------------------------------------------------
+
+def test_run_payload_skips_corrupt_lines_and_keeps_half_line_for_later(client, runs_folder):
+    status, data = client.get("/api/run", id="alpha")
+    assert status == 200
+    assert [r["step"] for r in data["records"]] == [5, 10, 15, 20, 25, 30]
+    assert data["skipped_lines"] == 2
+    text = (runs_folder / "alpha" / "metrics.jsonl").read_bytes()
+    assert data["offset"] == text.rfind(b"\n") + 1  # the half-written last line is not consumed
+    assert data["spec"]["kind"] == "train" and data["spec"]["model"]["name"] == "tiny"
+    assert "kind: train" in data["spec_text"]
+    assert data["summary"]["final_loss"] == 1.6
+    assert [c["name"] for c in data["checkpoints"]] == ["epoch_0001"]
+    assert data["checkpoints"][0]["id"] == "alpha/checkpoints/epoch_0001"
+    assert sorted((e["dataset"], e["task"]) for e in data["evals"]) == [
+        ("fashion", "zeroshot_classification"), ("tux", "retrieval")]
+    assert data["evals"][0]["file"] == "alpha/eval/trained/results.json"
+
+
+def test_metrics_since_offset_returns_only_new_complete_lines(client, runs_folder):
+    path = runs_folder / "alpha" / "metrics.jsonl"
+    _, first = client.get("/api/metrics", id="alpha", offset=0)
+    offset = first["offset"]
+    _, again = client.get("/api/metrics", id="alpha", offset=offset)
+    assert again["records"] == [] and again["offset"] == offset and not again["reset"]
+    with open(path, "a") as f:  # the trainer finishes the half-written line and starts another
+        f.write(', "lr": 0.001}\n{"step": 1000')
+    _, new = client.get("/api/metrics", id="alpha", offset=offset)
+    assert [r["step"] for r in new["records"]] == [999] and not new["reset"]
+    with open(path, "a") as f:
+        f.write(', "loss": 1.1}\nnot json at all\n')
+    _, newer = client.get("/api/metrics", id="alpha", offset=new["offset"])
+    assert [r["step"] for r in newer["records"]] == [1000] and newer["skipped_lines"] == 1
+
+
+def test_rewritten_log_tells_the_client_to_start_over(client, runs_folder):
+    _, first = client.get("/api/metrics", id="live", offset=0)
+    (runs_folder / "live" / "metrics.jsonl").write_text(metric_lines(1)[0] + "\n")  # a resumed run rewrote it
+    _, after = client.get("/api/metrics", id="live", offset=first["offset"])
+    assert after["reset"] and [r["step"] for r in after["records"]] == [5]
+
+
+def test_bad_offset_is_a_400(client):
+    assert client.get("/api/metrics", id="alpha", offset="abc")[0] == 400
+    assert client.get("/api/metrics", id="alpha", offset=-1)[0] == 400
+
+
+# -- traversal -------------------------------------------------------------------------------------
+
+TRAVERSALS = [
+    "..", "../outside/secret", "alpha/../..", "alpha/../../outside/secret", "/etc", "/", "//etc", "~/x",
+    "C:/Windows", "alpha\\..\\..", "%2e%2e", "%2e%2e/outside/secret", "%252e%252e", "%252e%252e%252foutside",
+    "escape", "escape/", "./alpha", "alpha//", "file:///etc",
+]
+
+
+@pytest.mark.parametrize("endpoint", ["/api/run", "/api/metrics"])
+@pytest.mark.parametrize("value", TRAVERSALS)
+def test_traversal_in_run_id_is_refused(client, endpoint, value):
+    # The value is put in the query string as the attacker would type it: '%2e' decodes once to '.',
+    # '%252e' decodes once to the literal '%2e'.
+    status, body = client.raw(f"{endpoint}?id={value}&offset=0")
+    assert status in (403, 404), (value, status, body)
+    assert SECRET.encode() not in body
+
+
+@pytest.mark.parametrize("value", ["..", "%2e%2e", "%252e%252e", "/tmp", "escape", "../outside"])
+def test_traversal_in_scaling_group_is_refused(client, value):
+    status, body = client.raw(f"/api/scaling?group={value}")
+    assert status in (403, 404), (value, status)
+
+
+@pytest.mark.parametrize("path", [
+    "/static/../server.py", "/static/..%2fserver.py", "/static/%2e%2e/app.py", "/static/%252e%252e/app.py",
+    "/static//etc/passwd", "/static/../../../../etc/passwd", "/../../etc/passwd", "/run/../../etc/passwd",
+    "/static/charts.js/../../app.py",
+])
+def test_traversal_in_url_path_is_refused(client, path):
+    status, body = client.raw(path)
+    assert status == 404, (path, status)
+    assert b"import" not in body and b"root:" not in body
+
+
+def test_symlinks_out_of_the_folder_are_not_followed(client):
+    rows = rows_by_id(client)
+    assert "escape" not in rows  # the symlinked folder is not listed as a run
+    status, data = client.get("/api/run", id="linked")
+    assert status == 200 and data["records"] == []  # its metrics.jsonl points outside: not read
+    _, listing = client.raw("/api/runs")
+    assert SECRET.encode() not in listing
+    status, _ = client.get("/api/run", id="escape")
+    assert status == 403
+
+
+@pytest.mark.parametrize("checkpoint", ["../outside/secret", "%2e%2e/x/checkpoints/y", "alpha/checkpoints/../../..",
+                                        "/etc/checkpoints/x", "escape/checkpoints/x", "alpha/checkpoints/epoch_0002",
+                                        "alpha/checkpoints/nope"])
+def test_try_refuses_paths_outside_and_incomplete_checkpoints(client, checkpoint):
+    body = json.dumps({"checkpoint": checkpoint, "image": "data:image/png;base64,AAAA", "captions": ["a"]}).encode()
+    status, resp = client.raw("/api/try", "POST", body, {"Content-Type": "application/json"})
+    assert status in (403, 404), (checkpoint, status, resp)
+
+
+def test_unknown_run_is_404_and_foreign_host_is_refused(client):
+    assert client.get("/api/run", id="notes")[0] == 404
+    assert client.get("/api/run", id="nope")[0] == 404
+    status, _ = client.raw("/api/runs", headers={"Host": "attacker.example:8050"})
+    assert status == 403
+
+
+def test_pages_and_assets_are_served(client):
+    for path in ("/", "/run?id=alpha", "/compare?ids=alpha", "/scaling", "/try"):
+        status, body = client.raw(path)
+        assert status == 200 and b"<main" in body, path
+    status, body = client.raw("/static/charts.js")
+    assert status == 200 and b"drawChart" in body
+
+
+# -- scaling endpoint ------------------------------------------------------------------------------
+
+def test_scaling_endpoint_fits_the_sweep(client, runs_folder):
+    status, data = client.get("/api/scaling", group="sweep", metric="fashion/acc1", bins=4, target=0.5)
+    one_bin = client.get("/api/scaling", group="sweep", metric="fashion/acc1", bins=1)[1]
+    assert one_bin["fit"] is None and "at least 2 compute bins" in one_bin["fit_error"]
+    assert status == 200
+    assert {p["id"] for p in data["points"]} == {"sweep/lr0", "sweep/lr1"}
+    # Two runs: compute 2 GMAC x 160 and x 320 samples, errors 1 - 0.2 and 1 - 0.3.
+    by_id = {p["id"]: p for p in data["points"]}
+    assert by_id["sweep/lr0"]["compute"] == 320.0 and by_id["sweep/lr1"]["error"] == pytest.approx(0.7)
+    assert data["frontier"] == ["sweep/lr0", "sweep/lr1"]  # 320 and 640 fall in different quarter-decade bins
+    alpha = math.log(0.7 / 0.8) / math.log(640 / 320)
+    assert data["fit"]["alpha"] == pytest.approx(alpha)
+    assert data["target"]["compute"] == pytest.approx(320 * (0.5 / 0.8) ** (1 / alpha))
+    assert client.get("/api/scaling", group="sweep", target=2)[0] == 400
+
+
+# -- spec header reading ---------------------------------------------------------------------------
+
+CLEAN_SCALARS = ["train", "tiny", "runs/demo/train", "/abs/path", "heads", "0", "7", "true", "False", "null", "~",
+                 "miniclip-effnet-minilm", "_under", "ViT-B-32", "a_b.c"]
+TRICKY_SCALARS = ["train", "tiny", "runs/demo/train", "/abs/path", "heads", "0", "7", "0123", "-3", "1e-3", "0.002",
+                  "1.0e-06", ".inf", "yes", "no", "on", "Off", "y", "true", "False", "null", "~", "''", "'quoted: x'",
+                  '"dq"', "2024-01-01", "a b c", "[1, 2]", "{a: 1}", "x # comment", "&anchor v", "!!str 12", "a:b",
+                  "miniclip-effnet-minilm", "_under", "=", "0x1F", "|\n  block\n  text", ">\n  folded"]
+
+
+def test_spec_header_reads_what_pyyaml_reads(monkeypatch):
+    """All three ways of reading (a match of clipforge's own layout, the line scan, and the event parser that
+    hard cases go to) agree with PyYAML."""
+    import random
+
+    import yaml
+
+    from clipforge.dashboard import spec_header as module
+
+    answered = {"head": 0, "scan": 0, "events": 0}
+
+    def counted(name, real):
+        def wrapper(*args):
+            result = real(*args)  # raises when it cannot answer: then the next way is tried
+            answered[name] += 1
+            return result
+        return wrapper
+
+    monkeypatch.setattr(module, "_dumped_head", counted("head", module._dumped_head))
+    monkeypatch.setattr(module, "_scan", counted("scan", module._scan))
+    monkeypatch.setattr(module, "_parse_events", counted("events", module._parse_events))
+    rng = random.Random(1234)
+    compared = 0
+    for _ in range(600):
+        pool = rng.choice([CLEAN_SCALARS, TRICKY_SCALARS])
+        top = ["kind", "name", "storage", "seed", "resume"]
+        rng.shuffle(top)
+        lines = []
+        for key in top[: rng.randint(2, 5)]:
+            lines.append(f"{key}:" if rng.random() < 0.05 else f"{key}: {rng.choice(pool)}")
+            if rng.random() < 0.05:
+                lines.append("  continued plain scalar")
+        pos = rng.randint(0, len(lines))
+        pad = " " * rng.choice([2, 2, 2, 4])
+        model = ["model:"] + [f"{pad}{k}: {rng.choice(pool)}" for k in ("name", "trainable", "init_seed")
+                              if rng.random() < 0.8]
+        if rng.random() < 0.5:
+            model += [f"{pad}nested:", f"{pad}  deep: 1", f"{pad}items:", f"{pad}- a", f"{pad}- b", f"{pad}empty:"]
+        if rng.random() < 0.05:
+            model.append(f"{pad}  continued")
+        lines[pos:pos] = model
+        lines += ["data:", "  shards:", "  - x", f"extra: {rng.choice(pool)}"]
+        text = "\n".join(lines) + "\n"
+        try:
+            full = yaml.safe_load(text)
+        except yaml.YAMLError:
+            continue  # a broken spec: the header may or may not notice (the run page shows the parse error)
+        header = module.spec_header(text)
+        compared += 1
+        for key, value in header.items():
+            if key == "model" and isinstance(full["model"], dict):
+                expected = {k: v for k, v in full["model"].items() if not isinstance(v, (dict, list))}
+                assert value == expected, text
+            else:
+                assert value == full[key] and type(value) is type(full[key]), (key, text)
+        for key in ("kind", "name"):
+            if key in full and not isinstance(full[key], (list, dict)):
+                assert key in header, (key, text)
+        if isinstance(full.get("model"), dict):
+            assert "model" in header, text
+    # Documents as clipforge writes them (yaml.safe_dump, keys in spec order), with awkward values.
+    clean = ["train", "tiny", "runs/x", "heads", "all", 0, 7, True, False, None]
+    awkward = CLEAN_SCALARS + TRICKY_SCALARS + [0, 7, -3, 1e-3, 2.5, True, False, None, "", "12"]
+    for _ in range(300):
+        values = rng.choice([clean, awkward])
+        doc = {"kind": rng.choice(values), "name": rng.choice(values), "storage": rng.choice(values),
+               "model": {k: rng.choice(values) for k in ("name", "checkpoint", "trainable", "init_seed")},
+               "data": {"shards": ["x"], "batch_size": 8}}
+        text = yaml.safe_dump(doc, sort_keys=False)
+        header = module.spec_header(text)
+        full = yaml.safe_load(text)
+        compared += 1
+        assert {k: header[k] for k in ("kind", "name", "model")} == {k: full[k] for k in ("kind", "name", "model")}
+    assert compared > 400 and min(answered.values()) > 30, answered  # every way was exercised
+
+
+# -- fsspec folder ---------------------------------------------------------------------------------
+
+def test_fsspec_folder_is_listed_and_read(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    base = f"/dash-{os.getpid()}-{time.monotonic_ns()}"
+    local = tmp_path / "mem"
+    write_run(local, "a", steps=3, corrupt=True, summary={"samples_seen": 24, "params": 5, "gmacs": 1.0},
+              evals={"ds/acc1": [0.1, 0.3, None]})
+    write_run(local, "grp/b", steps=2)
+    for path in local.rglob("*"):
+        if path.is_file():
+            fs.pipe(f"{base}/{path.relative_to(local).as_posix()}", path.read_bytes())
+    spec = DashboardSpec(runs=f"memory://{base}", port=0, estimate_compute=False, rescan_interval_s=0)
+    server, thread = start_in_thread(spec)
+    try:
+        c = Client(server.url)
+        rows = rows_by_id(c)
+        assert set(rows) == {"a", "grp/b"}
+        assert rows["a"]["status"] == "finished" and rows["a"]["compute"] == 24.0
+        assert rows["a"]["evals"] == {"ds/acc1": 0.3} and rows["grp/b"]["sweep"] == "grp"
+        status, data = c.get("/api/run", id="a")
+        assert status == 200 and [r["step"] for r in data["records"]] == [5, 10, 15] and data["skipped_lines"] == 2
+        assert c.get("/api/run", id="../x")[0] == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        fs.rm(base, recursive=True)
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+def test_cli_command_is_registered_and_names_a_missing_folder(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from clipforge.dashboard.cli import register
+
+    app = typer.Typer()
+    register(app)
+
+    @app.command()
+    def other() -> None:  # a second command, so that `dashboard` is addressed by name as in clipforge's CLI
+        pass
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["dashboard", "--help"])
+    assert result.exit_code == 0 and "--runs" in result.output and "--port" in result.output
+    missing = tmp_path / "no-such-runs"
+    result = runner.invoke(app, ["dashboard", "--runs", str(missing)])
+    assert result.exit_code == 2
+    assert "no-such-runs" in result.output and "does not exist" in result.output
+    result = runner.invoke(app, ["dashboard", "--runs", str(tmp_path), "--port", "70000"])
+    assert result.exit_code == 2 and "port" in result.output
+
+
+# -- compute estimates -----------------------------------------------------------------------------
+
+def tiny_macs_by_hand() -> int:
+    """Multiply-accumulates of one (image, caption) forward pass of the `tiny` config, counted by hand."""
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "clipforge/models/configs/tiny.json").read_text())
+    v, t, embed = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
+
+    def transformer(tokens: int, width: int, layers: int, mlp_ratio: float) -> int:
+        qkv, out = tokens * width * 3 * width, tokens * width * width
+        attention = 2 * tokens * tokens * width  # scores and the weighted sum of values
+        mlp = 2 * tokens * width * int(width * mlp_ratio)
+        return layers * (qkv + attention + out + mlp)
+
+    patches = (v["image_size"] // v["patch_size"]) ** 2
+    image = patches * 3 * v["patch_size"] ** 2 * v["width"]  # patch embedding
+    image += transformer(patches + 1, v["width"], v["layers"], v["mlp_ratio"]) + v["width"] * embed
+    text = transformer(t["context_length"], t["width"], t["layers"], t["mlp_ratio"]) + t["width"] * embed
+    return image + text
+
+
+def test_model_cost_matches_a_hand_count_and_fills_the_runs_table(tmp_path):
+    from clipforge.dashboard.app import Dashboard
+    from clipforge.dashboard.model_cost import ModelCosts
+
+    costs = ModelCosts(enabled=True)
+    write_run(tmp_path, "tiny-run", steps=3, summary={"samples_seen": 1000})
+    dash = Dashboard(DashboardSpec(runs=str(tmp_path), rescan_interval_s=0), costs=costs)
+    row = dash.index.row("tiny-run")
+    assert row["params"] is None and row["compute"] is None  # not known yet: the estimate runs in the background
+    assert costs.wait(600), costs.errors()
+    cost = costs.get("tiny")
+    assert cost.gmacs * 1e9 == pytest.approx(tiny_macs_by_hand(), rel=1e-9)
+    assert cost.params > 3_000_000  # mostly the 49,408 x 64 token embedding
+    _, data = dash.handle(dash.runs, {})
+    row = data["runs"][0]
+    assert row["params"] == cost.params and row["gmacs"] == cost.gmacs
+    assert row["compute"] == pytest.approx(cost.gmacs * 1000)
+    # Config paths named by a run are never built.
+    assert costs.get("/etc/some-config.json") is None and costs.pending() == []
