@@ -96,8 +96,13 @@
     return CF.el("div", {}, CF.el("span", { text: label }), CF.el("b", { id, text: text === "" ? "–" : text }));
   }
 
+  let shownStats = null;
   function renderStats() {
     const r = state.row || {};
+    // Re-render only on change, so a poll does not replace nodes the user is selecting or reading.
+    const key = JSON.stringify(r);
+    if (key === shownStats) return;
+    shownStats = key;
     const box = document.getElementById("stats");
     box.replaceChildren(
       stat("status", "", "status"),
