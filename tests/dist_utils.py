@@ -1,6 +1,7 @@
 """Run a function in several local gloo processes, the way DDP training ranks run, and collect results."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tempfile
@@ -10,6 +11,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
 
 
 def free_port() -> int:
@@ -39,3 +42,24 @@ def run_distributed(fn: Callable, world_size: int = 2, args: tuple = ()) -> list
     with tempfile.TemporaryDirectory() as outdir:
         mp.spawn(_entry, args=(world_size, free_port(), outdir, fn, args), nprocs=world_size, join=True)
         return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
+
+
+class TwoHeads(nn.Module):
+    """A minimal dual encoder for loss tests: one linear head per modality and a learnable temperature."""
+
+    def __init__(self):
+        super().__init__()
+        self.img = nn.Linear(5, 8)
+        self.txt = nn.Linear(6, 8)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, x_img, x_txt):
+        return F.normalize(self.img(x_img), dim=-1), F.normalize(self.txt(x_txt), dim=-1), self.logit_scale.exp()
+
+
+def two_heads_and_inputs(n: int, dtype: torch.dtype = torch.float32):
+    """The same seeded model and inputs in every process, so ranks can slice one global batch."""
+    torch.manual_seed(0)
+    model = TwoHeads().to(dtype)
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(n, 5, generator=g, dtype=dtype), torch.randn(n, 6, generator=g, dtype=dtype)

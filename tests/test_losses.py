@@ -14,7 +14,7 @@ from torch import nn
 import clipforge  # noqa: F401
 from clipforge.models.losses import ClipLoss, clamp_logit_scale, create_loss
 from clipforge.models.spec import LossSpec
-from dist_utils import run_distributed
+from dist_utils import run_distributed, two_heads_and_inputs
 
 torch.set_num_threads(1)
 DIM = 16
@@ -106,28 +106,6 @@ def test_create_loss_and_clamp():
     assert model.logit_scale.requires_grad
 
 
-class _TwoHeads(nn.Module):
-    """A minimal dual encoder: one linear head per modality and a learnable temperature."""
-
-    def __init__(self):
-        super().__init__()
-        self.img = nn.Linear(5, 8)
-        self.txt = nn.Linear(6, 8)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-
-    def forward(self, x_img, x_txt):
-        return F.normalize(self.img(x_img), dim=-1), F.normalize(self.txt(x_txt), dim=-1), self.logit_scale.exp()
-
-
-def _two_heads_and_inputs(n: int):
-    torch.manual_seed(0)
-    model = _TwoHeads().double()
-    g = torch.Generator().manual_seed(1)
-    x_img = torch.randn(n, 5, generator=g, dtype=torch.float64)
-    x_txt = torch.randn(n, 6, generator=g, dtype=torch.float64)
-    return model, x_img, x_txt
-
-
 def _rows(rank: int, sizes: list[int]) -> slice:
     start = sum(sizes[:rank])
     return slice(start, start + sizes[rank])
@@ -150,7 +128,7 @@ def _rank_worker(rank: int, world: int, equal_sizes: list[int], unequal_sizes: l
     out["unequal"] = loss_and_grads(ClipLoss(True, True), img[rows], txt[rows], scale)
 
     for local_loss in (True, False):
-        model, x_img, x_txt = _two_heads_and_inputs(sum(equal_sizes))
+        model, x_img, x_txt = two_heads_and_inputs(sum(equal_sizes), torch.float64)
         ddp = nn.parallel.DistributedDataParallel(model)
         rows = _rows(rank, equal_sizes)
         ClipLoss(local_loss=local_loss)(*ddp(x_img[rows], x_txt[rows])).backward()
@@ -221,7 +199,7 @@ def test_distributed_unequal_rank_batches(ranks):
 @pytest.mark.parametrize("local_loss", [True, False])
 def test_ddp_update_equals_single_process_gradient(ranks, local_loss):
     """DDP-averaged parameter gradients == gradients of the single-process loss on the global batch."""
-    model, x_img, x_txt = _two_heads_and_inputs(sum(EQUAL))
+    model, x_img, x_txt = two_heads_and_inputs(sum(EQUAL), torch.float64)
     ClipLoss()(*model(x_img, x_txt)).backward()
     for res in ranks:
         for name, p in model.named_parameters():

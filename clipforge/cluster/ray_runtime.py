@@ -10,6 +10,15 @@ from clipforge.specbase import RayInit
 
 log = logging.getLogger(__name__)
 
+# Ray Train's placement-group cleaner asks the State API once a second whether the controller lives;
+# a local cluster started without a dashboard has no State API, so every ask logs a warning.
+_NOISY_WITHOUT_DASHBOARD = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_without_dashboard() -> None:
+    """Worker-process setup hook of local clusters: silence warnings that only say the dashboard is off."""
+    logging.getLogger(_NOISY_WITHOUT_DASHBOARD).setLevel(logging.ERROR)
+
 
 @contextlib.contextmanager
 def ray_session(cfg: RayInit | None = None) -> Iterator[None]:
@@ -27,6 +36,9 @@ def ray_session(cfg: RayInit | None = None) -> Iterator[None]:
     else:
         # A private local cluster: no dashboard (saves ~1 s and a port), all local CPUs.
         kwargs.update(include_dashboard=False, num_cpus=os.cpu_count() or 1)
+        env = dict(kwargs["runtime_env"] or {})
+        env.setdefault("worker_process_setup_hook", f"{__name__}.quiet_without_dashboard")
+        kwargs["runtime_env"] = env
     ray.init(**kwargs)
     try:
         yield

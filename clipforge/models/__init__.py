@@ -1,4 +1,4 @@
-"""Dual-encoder models built through open_clip, their losses and the project's checkpoint format.
+"""Dual-encoder models built through open_clip, their losses, optimizers, tokenizers and checkpoint format.
 
 Names are imported lazily: `clipforge.models.spec` is needed by every job spec, and importing
 open_clip (timm, transformers) costs seconds that spec parsing should not pay.
@@ -24,6 +24,16 @@ _EXPORTS = {
     "load_meta": "checkpoint",
     "load_optimizer_state": "checkpoint",
     "load_extra": "checkpoint",
+    "TiledClipLoss": "losses_tiled",
+    "SigLipLoss": "losses_siglip",
+    "accumulated_step": "accumulation",
+    "AdamWBF16State": "optim",
+    "BPETokenizer": "tokenizer_bpe",
+    "train_bpe_tokenizer": "tokenizer_bpe",
+    "apply_regime": "regimes",
+    "stage_at": "regimes",
+    "schedule_parameter_names": "regimes",
+    "set_grad_checkpointing": "grad_checkpointing",
     "ModelSpec": "spec",
     "LossSpec": "spec",
     "ModelConfigError": "errors",

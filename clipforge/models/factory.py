@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -23,25 +24,42 @@ class ModelBundle:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _instantiate(cfg: dict[str, Any], name: str) -> torch.nn.Module:
-    """An open_clip CLIP (built-in text transformer) or CustomTextCLIP (Hugging Face text tower), random init."""
+def _hub_towers(cfg: dict[str, Any]) -> str:
+    names = [f"timm {cfg['vision_cfg']['timm_model_name']!r}" if cfg["vision_cfg"].get("timm_model_name") else "",
+             f"Hugging Face {cfg['text_cfg']['hf_model_name']!r}" if cfg["text_cfg"].get("hf_model_name") else ""]
+    return " and ".join(n for n in names if n) or "none"
+
+
+def _instantiate(cfg: dict[str, Any], name: str, from_hub: bool = False) -> torch.nn.Module:
+    """An open_clip CLIP (built-in text transformer) or CustomTextCLIP (Hugging Face text tower).
+
+    Random init unless `from_hub`: then timm and Hugging Face towers named by hub name take their
+    pretrained weights from the hub (or its local cache).
+    """
     from open_clip.model import CLIP, CustomTextCLIP
 
     kwargs = {k: v for k, v in cfg.items() if k != CLIPFORGE_SECTION}
     custom_text = bool(kwargs.pop("custom_text", False)) or bool(kwargs["text_cfg"].get("hf_model_name"))
-    # Weights are never fetched from a hub at build time: towers named in the config are loaded from
-    # local files afterwards, everything else starts from the seeded random init.
-    kwargs["vision_cfg"] = {**kwargs["vision_cfg"], "timm_model_pretrained": False}
+    # Otherwise weights are never fetched from a hub at build time: towers named in the config are loaded
+    # from local files afterwards, everything else starts from the seeded random init.
+    kwargs["vision_cfg"] = {**kwargs["vision_cfg"], "timm_model_pretrained": from_hub}
     if custom_text:
-        kwargs["text_cfg"] = {**kwargs["text_cfg"], "hf_model_pretrained": False}
+        kwargs["text_cfg"] = {**kwargs["text_cfg"], "hf_model_pretrained": from_hub}
     cls = CustomTextCLIP if custom_text else CLIP
     try:
         return cls(**kwargs, output_dict=False)
-    except OSError as e:
-        raise ModelConfigError(
-            f"model {name!r}: a tower's files are not available locally ({e}); clipforge builds offline, "
-            "so Hugging Face text towers must name a local model directory"
-        ) from e
+    except (OSError, RuntimeError, ValueError) as e:
+        if not isinstance(e, OSError) and not from_hub:
+            raise
+        if cfg.get(CLIPFORGE_SECTION, {}).get("pretrained_hub"):
+            hint = (f"its towers ({_hub_towers(cfg)}) come from the model hub, which clipforge does not contact "
+                    "by default (HF_HUB_OFFLINE=1): set HF_HUB_OFFLINE=0 where the hub is reachable")
+            if from_hub:
+                hint += (", or model.pretrained_towers: false to build them without their weights (a Hugging Face "
+                         "tower still needs its config and tokenizer files, from the hub or its local cache)")
+        else:
+            hint = "clipforge builds offline, so Hugging Face text towers must name a local model directory"
+        raise ModelConfigError(f"model {name!r}: a tower's files are not available locally ({e}); {hint}") from e
 
 
 def _load_pretrained_towers(model: torch.nn.Module, extra: dict[str, Any]) -> None:
@@ -79,6 +97,21 @@ def _transforms(cfg: dict[str, Any], model: torch.nn.Module) -> tuple[Callable, 
             image_transform_v2(pcfg, is_train=False))
 
 
+def _bpe_tokenizer(path: str, cfg: dict[str, Any], source: str):
+    """The clipforge BPE tokenizer at `path` (relative paths in a config file are relative to that file)."""
+    from clipforge.models.tokenizer_bpe import BPETokenizer
+
+    if cfg["text_cfg"].get("hf_model_name"):
+        raise ModelConfigError(
+            f"tokenizer {path}: a clipforge BPE tokenizer is for from-scratch text transformers, but this model's "
+            f"text tower is the Hugging Face model {cfg['text_cfg']['hf_model_name']!r}"
+        )
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute() and not candidate.exists() and Path(source).is_file():
+        candidate = Path(source).parent / candidate
+    return BPETokenizer(candidate, context_length=int(cfg["text_cfg"].get("context_length", 77)))
+
+
 def _tokenizer(cfg: dict[str, Any], name: str, source: str) -> Callable[[list[str]], torch.Tensor]:
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
@@ -95,8 +128,20 @@ def _tokenizer(cfg: dict[str, Any], name: str, source: str) -> Callable[[list[st
     return SimpleTokenizer(context_length=context_length, **(text_cfg.get("tokenizer_kwargs") or {}))
 
 
+def _set_grad_checkpointing(model: torch.nn.Module, switch) -> None:
+    from clipforge.models.grad_checkpointing import set_grad_checkpointing
+
+    if switch is True:
+        set_grad_checkpointing(model, image=True, text=True)
+    elif switch is not False:
+        set_grad_checkpointing(model, image=switch.image, text=switch.text)
+
+
 def create_model(spec: ModelSpec) -> ModelBundle:
     """Build `spec.name`, load its pretrained towers, then `spec.checkpoint`, then apply `spec.trainable`.
+
+    `spec.tokenizer` (or the config's clipforge.tokenizer) swaps in a clipforge BPE tokenizer, sizing the
+    text transformer's vocabulary to it; `spec.init_logit_bias` adds a learnable logit bias (siglip).
 
     The model is returned in eval mode; call `.train()` to train it. With `trainable: heads` the
     trunks stay in eval mode regardless (see towers.freeze_trunks).
@@ -104,19 +149,34 @@ def create_model(spec: ModelSpec) -> ModelBundle:
     from clipforge.models.towers import freeze_trunks
 
     name, cfg, source = load_config(spec.name)
+    extra = cfg.get(CLIPFORGE_SECTION, {})
+    bpe = None
+    tokenizer_path = spec.tokenizer or extra.get("tokenizer")
+    if tokenizer_path:
+        bpe = _bpe_tokenizer(tokenizer_path, cfg, source)
+        # The embedding table follows the tokenizer, whatever size the config says.
+        cfg = {**cfg, "text_cfg": {**cfg["text_cfg"], "vocab_size": bpe.vocab_size}}
+    if spec.init_logit_bias is not None:
+        cfg = {**cfg, "init_logit_bias": spec.init_logit_bias}
+    # A checkpoint holds every weight, so hub weights would only be overwritten.
+    from_hub = bool(extra.get("pretrained_hub")) and spec.pretrained_towers and not spec.checkpoint
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.init_seed)
-        model = _instantiate(cfg, name)
+        model = _instantiate(cfg, name, from_hub)
     if spec.checkpoint:
         # The checkpoint holds every weight, so the pretrained tower files need not be read.
         _load_checkpoint(model, spec.checkpoint)
-    else:
-        _load_pretrained_towers(model, cfg.get(CLIPFORGE_SECTION, {}))
+    elif spec.pretrained_towers:
+        _load_pretrained_towers(model, extra)
     if spec.trainable == "heads":
         freeze_trunks(model)
-    if spec.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    tokenizer = _tokenizer(cfg, name, source)
+    elif spec.trainable != "all":
+        from clipforge.models.regimes import apply_regime
+
+        # A schedule starts in its first stage; the trainer re-applies the regime at stage changes.
+        apply_regime(model, spec.trainable)
+    _set_grad_checkpointing(model, spec.grad_checkpointing)
+    tokenizer = bpe or _tokenizer(cfg, name, source)
     # An HF tower reports its position-table size; what callers need is the tokenizer's length.
     model.context_length = tokenizer.context_length
     preprocess_train, preprocess_val = _transforms(cfg, model)

@@ -49,6 +49,34 @@ def _gather(x: torch.Tensor, sizes: list[int], rank: int, with_grad: bool, keep_
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
+def check_feature_pair(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    if image_features.shape != text_features.shape or image_features.ndim != 2:
+        raise ValueError(
+            f"image and text features must both be [batch, dim], got {tuple(image_features.shape)} "
+            f"and {tuple(text_features.shape)}"
+        )
+
+
+def batch_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's local batch size, in rank order."""
+    # Gloo cannot gather CUDA tensors and NCCL cannot gather CPU ones: use the features' device.
+    local = torch.tensor([n], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, local)
+    return [int(s.item()) for s in sizes]
+
+
+def gather_pair(image_features: torch.Tensor, text_features: torch.Tensor, local_loss: bool,
+                with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Both modalities' global rows and the per-rank sizes (the contrastive losses' one communication)."""
+    rank = dist.get_rank()
+    sizes = batch_sizes(image_features.shape[0], image_features.device)
+    keep_local = not local_loss
+    all_img = _gather(image_features, sizes, rank, with_grad, keep_local)
+    all_txt = _gather(text_features, sizes, rank, with_grad, keep_local)
+    return all_img, all_txt, sizes
+
+
 class ClipLoss(nn.Module):
     """Symmetric InfoNCE: image i matches text i among all texts of the global batch, and vice versa.
 
@@ -64,11 +92,7 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor) -> torch.Tensor:
-        if image_features.shape != text_features.shape or image_features.ndim != 2:
-            raise ValueError(
-                f"image and text features must both be [batch, dim], got {tuple(image_features.shape)} "
-                f"and {tuple(text_features.shape)}"
-            )
+        check_feature_pair(image_features, text_features)
         rank, world = _world()
         n = image_features.shape[0]
         if world == 1:
@@ -76,10 +100,8 @@ class ClipLoss(nn.Module):
             logits_txt = logits_img.T
             labels = torch.arange(n, device=image_features.device)
         else:
-            sizes = self._batch_sizes(n, image_features.device)
-            keep_local = not self.local_loss
-            all_img = _gather(image_features, sizes, rank, self.gather_with_grad, keep_local)
-            all_txt = _gather(text_features, sizes, rank, self.gather_with_grad, keep_local)
+            all_img, all_txt, sizes = gather_pair(image_features, text_features, self.local_loss,
+                                                  self.gather_with_grad)
             if self.local_loss:
                 logits_img = logit_scale * image_features @ all_txt.T
                 logits_txt = logit_scale * text_features @ all_img.T
@@ -90,19 +112,22 @@ class ClipLoss(nn.Module):
                 labels = torch.arange(sum(sizes), device=image_features.device)
         return (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels)) / 2
 
-    @staticmethod
-    def _batch_sizes(n: int, device: torch.device) -> list[int]:
-        # Gloo cannot gather CUDA tensors and NCCL cannot gather CPU ones: use the features' device.
-        local = torch.tensor([n], dtype=torch.long, device=device)
-        sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(sizes, local)
-        return [int(s.item()) for s in sizes]
 
 
-def create_loss(spec: LossSpec) -> ClipLoss:
-    if spec.kind != "clip":
-        raise ValueError(f"unknown loss kind {spec.kind!r}")
-    return ClipLoss(local_loss=spec.local_loss, gather_with_grad=spec.gather_with_grad)
+def create_loss(spec: LossSpec) -> nn.Module:
+    """The loss module of `spec.kind`; `siglip` is called with the model's logit bias as a 4th argument."""
+    if spec.kind == "clip":
+        return ClipLoss(local_loss=spec.local_loss, gather_with_grad=spec.gather_with_grad)
+    if spec.kind == "clip_tiled":
+        from clipforge.models.losses_tiled import TiledClipLoss
+
+        return TiledClipLoss(local_loss=spec.local_loss, gather_with_grad=spec.gather_with_grad,
+                             tile_size=spec.tile_size)
+    if spec.kind == "siglip":
+        from clipforge.models.losses_siglip import SigLipLoss
+
+        return SigLipLoss()
+    raise ValueError(f"unknown loss kind {spec.kind!r}")
 
 
 def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:

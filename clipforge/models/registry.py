@@ -22,11 +22,12 @@ CLIPFORGE_SECTION = "clipforge"
 _MODEL_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
                "nonscalar_logit_scale", "custom_text"}
 _CLIPFORGE_KEYS = {"description", "notes", "pretrained_image", "pretrained_image_format", "pretrained_text",
-                   "preprocess"}
+                   "preprocess", "tokenizer", "pretrained_hub"}
 _PREPROCESS_KEYS = {"mean", "std", "interpolation", "resize_mode", "fill_color", "train_scale"}
 # Config values that may be `pkg:` references, resolved at build time.
 _PACKAGE_REF_FIELDS = (("text_cfg", "hf_model_name"), ("text_cfg", "hf_tokenizer_name"),
-                       (CLIPFORGE_SECTION, "pretrained_image"), (CLIPFORGE_SECTION, "pretrained_text"))
+                       (CLIPFORGE_SECTION, "pretrained_image"), (CLIPFORGE_SECTION, "pretrained_text"),
+                       (CLIPFORGE_SECTION, "tokenizer"))
 
 
 def clipforge_config_names() -> list[str]:
@@ -121,6 +122,13 @@ def validate_config(cfg: dict[str, Any], source: str) -> None:
             raise ModelConfigError(
                 f"model config {source}: {CLIPFORGE_SECTION}.{key} needs {tower} ({section}.{field})"
             )
+    if "tokenizer" in extra and cfg["text_cfg"].get("hf_model_name"):
+        raise ModelConfigError(
+            f"model config {source}: {CLIPFORGE_SECTION}.tokenizer is for from-scratch text transformers; a Hugging "
+            "Face text tower (text_cfg.hf_model_name) uses its own tokenizer"
+        )
+    if not isinstance(extra.get("pretrained_hub", False), bool):
+        raise ModelConfigError(f"model config {source}: {CLIPFORGE_SECTION}.pretrained_hub must be true or false")
 
 
 def resolve_package_refs(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -119,9 +119,20 @@ def _image_trunk(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _trim_padding(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drop the columns that are padding in every row.
+
+    Padding is masked out of attention and pooling, so the features do not change; captions are
+    much shorter than the context length, and the attention layers' cost falls with the length.
+    """
+    used = (tokens != pad_id).any(dim=0).nonzero()
+    return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
+
+
 def _text_trunk(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     if _text_kind(model) == "hf":
         text = model.text
+        tokens = _trim_padding(tokens, text.config.pad_token_id)
         attn_mask = (tokens != text.config.pad_token_id).long()
         out = text.transformer(input_ids=tokens, attention_mask=attn_mask)
         return text.pooler(out, attn_mask)
@@ -161,6 +172,8 @@ class ProjectionHeads(nn.Module):
         else:
             self.text_proj = model.text_projection
         self.logit_scale = model.logit_scale
+        # A model with a logit bias (siglip) returns it as a 4th output; so do its heads.
+        self.logit_bias = getattr(model, "logit_bias", None)
 
     def project_image(self, feats: torch.Tensor) -> torch.Tensor:
         return self.image_head(feats) if self.image_kind == "timm" else feats @ self.image_proj
@@ -168,8 +181,9 @@ class ProjectionHeads(nn.Module):
     def project_text(self, feats: torch.Tensor) -> torch.Tensor:
         return self.text_head(feats) if hasattr(self, "text_head") else feats @ self.text_proj
 
-    def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
         image = F.normalize(self.project_image(image_feats), dim=-1)
         text = F.normalize(self.project_text(text_feats), dim=-1)
+        if self.logit_bias is not None:
+            return image, text, self.logit_scale.exp(), self.logit_bias
         return image, text, self.logit_scale.exp()

@@ -68,7 +68,7 @@ def save(spec: TrainSpec, model: torch.nn.Module, model_name: str, optimizer: to
         "samples_seen": progress.samples_seen,
         "loss": progress.last_loss,
         "model_name": model_name,
-        "trainable": spec.model.trainable,
+        "trainable": spec.model.model_dump(mode="json")["trainable"],
         "time": time.time(),
         "spec": spec.model_dump(mode="json"),
     }

@@ -114,8 +114,10 @@ def _synchronised(batches, steps: int):
 def _step(opt: Optimisation, inputs, spec: TrainSpec, progress: Progress, epoch: int) -> tuple[float, float]:
     """One optimizer step on the global batch; returns (learning rate, exp(logit_scale)) used."""
     lr = opt.schedule.apply()
-    img, txt, scale = opt.module(*inputs)
-    loss = opt.loss_fn(img, txt, scale)
+    # (image features, text features, temperature[, logit bias]): the siglip loss takes the bias too.
+    outputs = opt.module(*inputs)
+    scale = outputs[2]
+    loss = opt.loss_fn(*outputs)
     opt.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if spec.optim.grad_clip_norm:
@@ -167,7 +169,7 @@ def train_worker(spec: TrainSpec, ctx: WorkerContext | None = None) -> dict:
     bundle = create_model(spec.model.model_copy(update={"checkpoint": resume_from}) if resume_from else spec.model)
     model = bundle.model.to(ctx.device)
     # create_model pins frozen trunks to eval mode; the whole model trains only when everything does.
-    model.train(spec.model.trainable == "all")
+    model.train(spec.model.trainable != "heads")
     source = batch_source(spec, bundle, ctx.rank, ctx.world_size, ctx.device, progress.skipped)
     wrapped = parallelize(source.module, spec, ctx.device)
     optimizer = build_optimizer(unwrap(wrapped), spec.optim)

@@ -100,7 +100,7 @@ def streamed_source(spec: TrainSpec, bundle: ModelBundle, plans: list[RankPlan],
     local_batch = spec.data.batch_size // spec.scaling.workers
     steps = steps_per_epoch(plans, local_batch)
     _require_steps(steps, plans[rank].num_samples, spec, rank)
-    preprocess = bundle.preprocess_train if spec.model.trainable == "all" else bundle.preprocess_val
+    preprocess = bundle.preprocess_train if spec.model.trainable != "heads" else bundle.preprocess_val
 
     def epoch_batches(epoch: int):
         samples = RankSamples(plans[rank], keys, preprocess, bundle.tokenizer, spec.seed, epoch,
