@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_report import result_line, write_report
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "loss_memory.json"
 DEVICE_BYTES = 24 * 2**30
@@ -209,17 +211,14 @@ def main() -> None:
         "time_target": TIME_TARGET,
         "time_pass": time_ratio <= TIME_TARGET,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(args.out, report)
     print(f"max |diff| tiled vs open_clip: loss {differences['loss']['max_abs_diff']:.3g}, "
           f"image grads {differences['img']['max_abs_diff']:.3g}, text grads {differences['txt']['max_abs_diff']:.3g}, "
           f"scale grad {differences['scale']['max_abs_diff']:.3g}")
     print(f"largest batch in 24 GiB: open_clip {summary['open_clip']['largest_batch_in_24GiB']}, "
           f"tiled {summary['tiled']['largest_batch_in_24GiB']}  ->  {out}")
-    print(f"RESULT loss_memory: ratio={memory_ratio:.4f} (target {MEMORY_TARGET}) "
-          f"{'PASS' if report['memory_pass'] else 'FAIL'}")
-    print(f"RESULT loss_time: ratio={time_ratio:.3f} (target {TIME_TARGET}) {'PASS' if report['time_pass'] else 'FAIL'}")
+    print(result_line("loss_memory", memory_ratio, MEMORY_TARGET, report["memory_pass"]))
+    print(result_line("loss_time", time_ratio, TIME_TARGET, report["time_pass"]))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ A short regression run also records how closely the bf16-state optimizer tracks 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+
+from bench_report import result_line, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "optimizer_memory.json"
@@ -90,13 +91,11 @@ def main() -> None:
         "notes": "torch AdamW keeps a 4-byte step tensor per parameter tensor on top of its two fp32 moments; "
                  "AdamWBF16State keeps its step count as a Python int.",
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(args.out, report)
     print(f"{args.model}: {n} parameters; state bytes/param: AdamW {fp32_bytes / n:.3f}, "
           f"AdamWBF16State {bf16_bytes / n:.3f}; loss gap on regression {report['tracking']['max_relative_loss_gap']:.4f} "
           f"->  {out}")
-    print(f"RESULT optimizer_memory: ratio={ratio:.4f} (target {TARGET}) {'PASS' if report['pass'] else 'FAIL'}")
+    print(result_line("optimizer_memory", ratio, TARGET, report["pass"]))
 
 
 if __name__ == "__main__":

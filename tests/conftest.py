@@ -27,3 +27,13 @@ def ray_local():
 def data_cache() -> Path:
     DATA_CACHE.mkdir(parents=True, exist_ok=True)
     return DATA_CACHE
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3 API (moto_server) on a free loopback port for the whole session."""
+    from s3_server import start_moto, stop
+
+    proc, endpoint = start_moto()
+    yield endpoint
+    stop(proc)

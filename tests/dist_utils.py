@@ -1,11 +1,14 @@
 """Run a function in several local gloo processes, the way DDP training ranks run, and collect results."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import socket
 import tempfile
 from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -63,3 +66,17 @@ def two_heads_and_inputs(n: int, dtype: torch.dtype = torch.float32):
     model = TwoHeads().to(dtype)
     g = torch.Generator().manual_seed(1)
     return model, torch.randn(n, 5, generator=g, dtype=dtype), torch.randn(n, 6, generator=g, dtype=dtype)
+
+
+@lru_cache(maxsize=None)
+def open_clip_loss():
+    """open_clip's own loss module, loaded from its file alone (it imports nothing but torch).
+
+    Importing the open_clip package pulls in timm and transformers, which would cost every spawned
+    rank many seconds for no purpose here.
+    """
+    package = Path(next(iter(importlib.util.find_spec("open_clip").submodule_search_locations)))
+    spec = importlib.util.spec_from_file_location("open_clip_loss", package / "loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,14 +1,12 @@
 """Post-download filters (near duplicates, CLIP score) and per-host rate limits of the dataset builder."""
 from __future__ import annotations
 
-import collections
 import io
 import itertools
 import json
 import math
 import random
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).parent))
+from build_outputs import manifest_by_row, tar_members, write_url_list  # noqa: E402
 from http_fixtures import ImageServer, _Handler, _Server  # noqa: E402
 
 from clipforge.demo.http_server import serve_directory  # noqa: E402
@@ -55,26 +54,6 @@ def make_spec(inp: Path, out: Path, sps: int = 4, **sections) -> BuildSpec:
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return BuildSpec.model_validate(raw)
-
-
-def write_list(path: Path, rows: list[tuple[str, str]]) -> Path:
-    pq.write_table(pa.table({"url": [r[0] for r in rows], "caption": [r[1] for r in rows]}), path)
-    return path
-
-
-def manifest(out: Path) -> dict[int, dict]:
-    tables = [pq.read_table(p) for p in sorted((out / "manifest").glob("*.parquet"))]
-    return {r["row"]: r for r in pa.concat_tables(tables).to_pylist()}
-
-
-def samples(out: Path) -> dict[str, dict[str, bytes]]:
-    found: dict[str, dict[str, bytes]] = collections.defaultdict(dict)
-    for path in sorted(out.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            for m in tar:
-                key, ext = m.name.split(".", 1)
-                found[key][ext] = tar.extractfile(m).read()
-    return dict(found)
 
 
 def file_times(out: Path) -> dict[Path, int]:
@@ -146,11 +125,11 @@ def picture_site(tmp_path):
 def test_near_duplicates_are_dropped_after_exact_ones_and_shards_rewritten(ray_local, tmp_path, picture_site):
     rows, expected = picture_site
     out = tmp_path / "out"
-    spec = make_spec(write_list(tmp_path / "urls.parquet", rows), out,
+    spec = make_spec(write_url_list(tmp_path / "urls.parquet", rows), out,
                      filters={"dedup_exact": True, "near_dup_max_distance": 8})
     stats = run_build(spec, progress=False)
 
-    got = manifest(out)
+    got = manifest_by_row(out)
     for row, rec in got.items():
         if row in expected:
             code, first = expected[row]
@@ -167,7 +146,7 @@ def test_near_duplicates_are_dropped_after_exact_ones_and_shards_rewritten(ray_l
     kept = [from_hex(r["phash"]) for r in got.values() if r["status"] == "ok"]
     assert min(hamming(a, b) for a, b in itertools.combinations(kept, 2)) > 8
     # ...and match the stored pixels (hashes are of the image as stored, so they can be recomputed).
-    stored = samples(out)
+    stored = tar_members(out)
     assert sorted(stored) == sorted(r["key"] for r in got.values() if r["status"] == "ok")
     for rec in got.values():
         if rec["status"] == "ok":
@@ -196,7 +175,7 @@ def independent_scores(out: Path, got: dict[int, dict]) -> dict[int, float]:
     from clipforge.models import ModelSpec, create_model
 
     bundle = create_model(ModelSpec(name="tiny"))
-    stored = samples(out)
+    stored = tar_members(out)
     scores = {}
     with torch.no_grad():
         for row, rec in got.items():
@@ -217,11 +196,11 @@ def test_clip_score_filter_keeps_the_top_fraction_then_a_threshold(ray_local, tm
         rows = [(server.url(f"/img/{40 + 3 * i}x{30 + 2 * i}.jpg?seed={i}"), f"a {w} pattern")
                 for i, w in enumerate(words)]
         rows.append((server.url("/status/404"), "missing"))
-        inp = write_list(tmp_path / "urls.parquet", rows)
+        inp = write_url_list(tmp_path / "urls.parquet", rows)
 
         plain = tmp_path / "plain"
         run_build(make_spec(inp, plain), progress=False)
-        reference = independent_scores(plain, {r: m for r, m in manifest(plain).items() if m["status"] == "ok"})
+        reference = independent_scores(plain, {r: m for r, m in manifest_by_row(plain).items() if m["status"] == "ok"})
 
         out = tmp_path / "top"
         clip = {"model": {"name": "tiny"}, "top_fraction": 0.35, "batch_size": 4, "workers": 2,
@@ -229,7 +208,7 @@ def test_clip_score_filter_keeps_the_top_fraction_then_a_threshold(ray_local, tm
         spec = make_spec(inp, out, filters={"clip_score": clip})
         stats = run_build(spec, progress=False)
 
-        got = manifest(out)
+        got = manifest_by_row(out)
         ok_rows = sorted(reference)
         for row in ok_rows:
             assert got[row]["clip_score"] == pytest.approx(reference[row], abs=1e-4)
@@ -242,7 +221,7 @@ def test_clip_score_filter_keeps_the_top_fraction_then_a_threshold(ray_local, tm
         assert got[10]["status"] == "http_404" and got[10]["clip_score"] is None
         assert stats["clip_score"] == {"scored": len(ok_rows), "dropped": len(ok_rows) - keep_n,
                                        "population": len(ok_rows)}
-        assert sorted(samples(out)) == sorted(got[r]["key"] for r in best)
+        assert sorted(tar_members(out)) == sorted(got[r]["key"] for r in best)
 
         # Re-running a finished build recomputes the same cut: nothing more is dropped or rewritten.
         before = file_times(out)
@@ -256,7 +235,7 @@ def test_clip_score_filter_keeps_the_top_fraction_then_a_threshold(ray_local, tm
         out2 = tmp_path / "threshold"
         run_build(make_spec(inp, out2, filters={"clip_score": {**clip, "top_fraction": None,
                                                                "threshold": threshold}}), progress=False)
-        got2 = manifest(out2)
+        got2 = manifest_by_row(out2)
     assert sorted(r for r, m in got2.items() if m["status"] == "ok") == sorted(
         r for r, s in reference.items() if s >= threshold)
     assert all("below threshold" in m["error"] for m in got2.values() if m["status"] == "filtered_clip_score")
@@ -304,7 +283,7 @@ def test_per_host_rate_limit_holds_across_threads_and_tasks(ray_local, tmp_path)
         for i in range(per_host):  # the two hosts interleaved, so every shard task talks to both
             rows.append((server.url(f"/img/40x30.jpg?seed={i}", host="127.0.0.1"), f"a{i}"))
             rows.append((server.url(f"/img/30x40.jpg?seed={i}", host="localhost"), f"b{i}"))
-        spec = make_spec(write_list(tmp_path / "urls.parquet", rows), tmp_path / "out", sps=6,
+        spec = make_spec(write_url_list(tmp_path / "urls.parquet", rows), tmp_path / "out", sps=6,
                          download={"per_domain_rps": rps, "threads_per_worker": 6})
         stats = run_build(spec, progress=False)
         stamps = server.stamps

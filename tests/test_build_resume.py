@@ -5,7 +5,6 @@ Also the straggler cutoff, which lets a shard finish without its last few hangin
 from __future__ import annotations
 
 import collections
-import hashlib
 import os
 import random
 import signal
@@ -17,12 +16,11 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+from build_outputs import manifest_rows, tar_members, write_url_list  # noqa: E402
 from http_fixtures import ImageServer, _Handler, _Server  # noqa: E402
 
 from clipforge.pipeline.build import run_build  # noqa: E402
@@ -85,27 +83,6 @@ def spec_dict(inp: Path, out: Path, sps: int, **download) -> dict:
     }
 
 
-def write_list(path: Path, rows: list[tuple[str, str]]) -> Path:
-    pq.write_table(pa.table({"url": [r[0] for r in rows], "caption": [r[1] for r in rows]}), path)
-    return path
-
-
-def manifest_rows(out: Path) -> list[dict]:
-    return pa.concat_tables([pq.read_table(p) for p in sorted((out / "manifest").glob("*.parquet"))]).to_pylist()
-
-
-def tar_contents(out: Path) -> dict[str, dict[str, str]]:
-    """{key: {extension: sha256}} over every visible tar; fails on a key seen twice."""
-    samples: dict[str, dict[str, str]] = collections.defaultdict(dict)
-    for path in sorted(out.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            for m in tar:
-                key, ext = m.name.split(".", 1)
-                assert ext not in samples[key], f"{key}.{ext} appears twice ({path.name})"
-                samples[key][ext] = hashlib.sha256(tar.extractfile(m).read()).hexdigest()
-    return dict(samples)
-
-
 def session_processes(sid: int) -> list[str]:
     """`pid comm` of every live (non-zombie) process in session `sid`."""
     found = []
@@ -142,7 +119,7 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_build(ray_local, tmp
                 for i in range(n_shards * sps)]
         rows[7] = (server.url("/status/404"), "missing")
         rows[23] = (rows[3][0] + "&copy=1", "same bytes as row 3")  # dedup runs after the resume too
-        inp = write_list(tmp_path / "urls.parquet", rows)
+        inp = write_url_list(tmp_path / "urls.parquet", rows)
 
         reference = tmp_path / "reference"
         run_build(BuildSpec.model_validate(spec_dict(inp, reference, sps)), progress=False)
@@ -191,15 +168,15 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_build(ray_local, tmp
     assert got_manifest == ref_manifest
     assert collections.Counter(r["status"] for r in got_manifest) == {"ok": len(rows) - 2, "http_404": 1,
                                                                      "duplicate": 1}
-    assert tar_contents(out) == tar_contents(reference)
-    assert sorted(tar_contents(out)) == sorted(r["key"] for r in got_manifest if r["status"] == "ok")
+    assert tar_members(out) == tar_members(reference)
+    assert sorted(tar_members(out)) == sorted(r["key"] for r in got_manifest if r["status"] == "ok")
     assert not [p for p in out.rglob(".*")], "temporary files were left behind"
 
 
 def test_shard_killed_mid_write_leaves_no_visible_tar_and_is_rebuilt(tmp_path):
     with SlowServer() as server:
         rows = [(server.url("/img/400x400.jpg?seed=1"), "big first image"), (server.url("/gate"), "waits")]
-        inp = write_list(tmp_path / "urls.parquet", rows)
+        inp = write_url_list(tmp_path / "urls.parquet", rows)
         out = tmp_path / "out"
         raw = spec_dict(inp, out, sps=10)
         raw["resize"] = {"size": 256, "mode": "border"}
@@ -233,7 +210,7 @@ def test_shard_killed_mid_write_leaves_no_visible_tar_and_is_rebuilt(tmp_path):
         server.gate.set()
         stats = run_build(BuildSpec.model_validate(raw), progress=False)
     assert stats["status_counts"] == {"ok": 2} and stats["shards_written"] == 1
-    assert len(tar_contents(out)) == 2
+    assert len(tar_members(out)) == 2
     assert not [p for p in out.rglob(".*")], "the killed attempt's temporary tar was not cleaned up"
 
 
@@ -242,7 +219,7 @@ def test_straggler_cutoff_finishes_shards_without_their_hanging_rows(ray_local, 
         rows = [(server.url(f"/img/40x30.jpg?seed={i}"), f"c{i}") for i in range(10)]
         rows[4] = (server.url("/gate?row=4"), "hangs")
         rows[8] = (server.url("/gate?row=8"), "hangs too")
-        inp = write_list(tmp_path / "urls.parquet", rows)
+        inp = write_url_list(tmp_path / "urls.parquet", rows)
         raw = spec_dict(inp, tmp_path / "out", sps=5,
                         straggler={"max_remaining_fraction": 0.2, "stuck_seconds": 1.5})
         t0 = time.monotonic()
@@ -257,7 +234,7 @@ def test_straggler_cutoff_finishes_shards_without_their_hanging_rows(ray_local, 
     assert "no answer after" in got[4]["error"] and got[4]["key"] is None
     assert stats["status_counts"] == {"ok": 8, "skipped_straggler": 2}
     assert elapsed < 20, elapsed  # the rows' own download timeout is 20 s
-    assert sorted(tar_contents(tmp_path / "out")) == sorted(got[r]["key"] for r in got if r not in (4, 8))
+    assert sorted(tar_members(tmp_path / "out")) == sorted(got[r]["key"] for r in got if r not in (4, 8))
 
 
 def test_straggler_cutoff_never_drops_more_than_its_fraction(ray_local, tmp_path):
@@ -266,7 +243,7 @@ def test_straggler_cutoff_never_drops_more_than_its_fraction(ray_local, tmp_path
         rows = [(server.url(f"/img/40x30.jpg?seed={i}"), f"c{i}") for i in range(5)]
         rows[1] = (server.url("/gate?row=1"), "hangs")
         rows[2] = (server.url("/gate?row=2"), "hangs")
-        inp = write_list(tmp_path / "urls.parquet", rows)
+        inp = write_url_list(tmp_path / "urls.parquet", rows)
         raw = spec_dict(inp, tmp_path / "out", sps=5, timeout_s=3.0,
                         straggler={"max_remaining_fraction": 0.2, "stuck_seconds": 0.5})
         stats = run_build(BuildSpec.model_validate(raw), progress=False)

@@ -10,13 +10,10 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import textwrap
-import time
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from http_fixtures import ImageServer  # noqa: E402
+from s3_server import KEY_ID, REGION, SECRET, new_bucket, s3fs_for, storage_options  # noqa: E402
 
 from clipforge.pipeline.build import run_build  # noqa: E402
 from clipforge.pipeline.imaging import EncodedImage  # noqa: E402
@@ -34,40 +32,7 @@ from clipforge.pipeline.sample import InputRow, RowOutcome  # noqa: E402
 from clipforge.pipeline.shard_writer import ShardWriter  # noqa: E402
 from clipforge.pipeline.spec import BuildSpec  # noqa: E402
 
-REGION = "us-east-1"
-KEY_ID, SECRET = "testing-key", "testing-secret"
 SPS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    """A real S3 API (moto_server) on a free loopback port, stopped after the module."""
-    port = _free_port()
-    exe = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"moto_server did not start on port {port}")
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture
@@ -88,24 +53,6 @@ def aws_env(ray_local, moto_endpoint, no_aws_env, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     return moto_endpoint
-
-
-def storage_options(endpoint: str) -> dict:
-    return {"endpoint_url": endpoint, "key": KEY_ID, "secret": SECRET, "client_kwargs": {"region_name": REGION},
-            # Never reuse a filesystem object cached with other settings by an earlier test.
-            "skip_instance_cache": True}
-
-
-def s3fs_for(endpoint: str):
-    import s3fs
-
-    return s3fs.S3FileSystem(**storage_options(endpoint))
-
-
-def new_bucket(endpoint: str) -> str:
-    name = f"clipforge-{uuid.uuid4().hex[:10]}"
-    s3fs_for(endpoint).call_s3("create_bucket", Bucket=name)
-    return name
 
 
 def upload_url_list(fs, path: str, rows: list[tuple[str, str]]) -> None:

@@ -1,10 +1,7 @@
 """ClipLoss against a naive full-batch reference and open_clip's ClipLoss, in one process and across 2 gloo ranks."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,25 +11,11 @@ from torch import nn
 import clipforge  # noqa: F401
 from clipforge.models.losses import ClipLoss, clamp_logit_scale, create_loss
 from clipforge.models.spec import LossSpec
-from dist_utils import run_distributed, two_heads_and_inputs
+from dist_utils import open_clip_loss, run_distributed, two_heads_and_inputs
 
 torch.set_num_threads(1)
 DIM = 16
 CASES = [(True, True), (False, True), (True, False), (False, False)]
-
-
-@lru_cache(maxsize=None)
-def open_clip_loss():
-    """open_clip's own loss module, loaded from its file alone (it imports nothing but torch).
-
-    Importing the open_clip package pulls in timm and transformers, which would cost every spawned
-    rank many seconds for no purpose here.
-    """
-    package = Path(next(iter(importlib.util.find_spec("open_clip").submodule_search_locations)))
-    spec = importlib.util.spec_from_file_location("open_clip_loss", package / "loss.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def reference_row_losses(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,6 @@
 """SigLipLoss against open_clip's SigLipLoss and a hand-written global reference, in one process and across gloo ranks."""
 from __future__ import annotations
 
-import importlib.util
-from functools import lru_cache
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,20 +9,10 @@ import clipforge  # noqa: F401
 from clipforge.models.losses import create_loss
 from clipforge.models.losses_siglip import SigLipLoss
 from clipforge.models.spec import LossSpec
-from dist_utils import run_distributed
+from dist_utils import open_clip_loss, run_distributed
 
 torch.set_num_threads(1)
 DIM = 16
-
-
-@lru_cache(maxsize=None)
-def open_clip_loss():
-    """open_clip's loss.py alone (the package import would pull timm and transformers into every rank)."""
-    package = Path(next(iter(importlib.util.find_spec("open_clip").submodule_search_locations)))
-    spec = importlib.util.spec_from_file_location("open_clip_loss", package / "loss.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def features(n: int, dtype=torch.float64, seed: int = 0):
