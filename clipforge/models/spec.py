@@ -1,9 +1,9 @@
 """Typed spec of a model: which architecture, which weights, what trains."""
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from clipforge.specbase import Spec
 
@@ -43,7 +43,21 @@ class TrainableStage(Spec):
         return self
 
 
-Trainable = Union[Literal["all", "heads"], TowerRegime, list[TrainableStage]]
+def _trainable_form(value) -> str:
+    if isinstance(value, list):
+        return "stages"
+    return "towers" if isinstance(value, (dict, TowerRegime)) else "name"
+
+
+# Chosen by shape, so a mistake is reported against the one form it was meant as.
+Trainable = Annotated[
+    Union[
+        Annotated[Literal["all", "heads"], Tag("name")],
+        Annotated[TowerRegime, Tag("towers")],
+        Annotated[list[TrainableStage], Tag("stages")],
+    ],
+    Discriminator(_trainable_form),
+]
 
 
 class TowerSwitch(Spec):
@@ -89,6 +103,16 @@ class ModelSpec(Spec):
         description="Load the pretrained tower weights the config names (local files, or the model hub for configs "
         "that name hub towers); false builds the same architecture with random initialisation.",
     )
+
+    @field_validator("trainable", mode="before")
+    @classmethod
+    def _trainable_shape(cls, value):
+        # One message for a wrong scalar, instead of one per alternative of the union.
+        if isinstance(value, (dict, list)) or value in ("all", "heads"):
+            return value
+        raise ValueError(
+            f"expected `all`, `heads`, {{image: ..., text: ...}} or a list of stages, got {value!r}"
+        )
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> "ModelSpec":
