@@ -295,7 +295,10 @@ def test_per_host_rate_limit_holds_across_threads_and_tasks(ray_local, tmp_path)
         # burst 1: requests arrive about 1/rps apart; allow scheduling jitter on a busy machine.
         gaps = np.diff(times)
         assert (len(times) - 1) / (times[-1] - times[0]) <= rps * 1.15, gaps
-        assert np.median(gaps) >= 0.8 / rps and gaps.min() >= 0.3 / rps, gaps
+        assert np.median(gaps) >= 0.8 / rps, gaps
+        # The bucket's own guarantee: request i is sent no sooner than (i - 1) / rps after the first (one token of
+        # burst). Arrival stamps can bunch two requests when one was delayed in transit, so single gaps are not checked.
+        assert all(t - times[0] >= (i - 1) / rps - 0.05 for i, t in enumerate(times)), gaps
         # No window of one second holds more than rps requests (+1 for jitter at the edges).
         assert max(sum(1 for t in times if s <= t < s + 1.0) for s in times) <= rps + 1
         spans.append((times[0], times[-1]))
