@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from sklearn.metrics import balanced_accuracy_score
 
-from clipforge.eval.metrics import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
+from clipforge.eval.metrics import retrieval_hits, retrieval_metrics, zeroshot_classifier, zeroshot_metrics
+from clipforge.eval.retrieval_tiled import tiled_topk
 from clipforge.eval.templates import builtin_template_names, get_templates
 
 torch.set_num_threads(1)
@@ -189,6 +190,110 @@ def test_retrieval_rejects_bad_inputs():
         retrieval_metrics(image_emb, torch.eye(4)[:3], torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="k values"):
         retrieval_metrics(image_emb, text_emb, torch.tensor([0, 1, 2]), ks=(0,))
+
+
+def tie_bounds(image_emb, text_emb, text_to_image, k):
+    """Per-query hit bounds whatever the tie-breaking: (pessimistic, optimistic) for both directions.
+
+    Optimistic: a positive hits when fewer than k candidates score strictly above the best positive;
+    pessimistic: when fewer than k negatives score at least as high as it.
+    """
+    scores = text_emb @ image_emb.T
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(scores)), text_to_image] = True
+
+    def bounds(s, pos):
+        best = torch.where(pos, s, torch.tensor(float("-inf"))).max(dim=1, keepdim=True).values
+        optimistic = (s > best).sum(1) < k
+        pessimistic = ((s >= best) & ~pos).sum(1) < k
+        return pessimistic, optimistic
+
+    return bounds(scores, positive), bounds(scores.T, positive.T)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tiled_retrieval_equals_dense_reference_on_random_data(seed):
+    image_emb, text_emb, t2i = random_retrieval(150, [1, 3, 5], 16, seed)
+    ks = (1, 5, 10)
+    want = naive_retrieval(image_emb, text_emb, t2i, ks)
+    dense_hits = retrieval_hits(image_emb, text_emb, t2i, ks)
+    # A budget far below 150 x 450 scores forces tiles of a few rows and columns, in several shapes.
+    for chunk, budget in ((7, 400), (64, 5000), (4096, 20000)):
+        assert_metrics_equal(retrieval_metrics(image_emb, text_emb, t2i, ks, chunk, max_dense_scores=budget), want)
+        tiled_hits = retrieval_hits(image_emb, text_emb, t2i, ks, chunk, max_dense_scores=budget)
+        for k in ks:
+            assert torch.equal(tiled_hits[0][k], dense_hits[0][k]) and torch.equal(tiled_hits[1][k], dense_hits[1][k])
+
+
+def test_tiled_topk_lists_equal_dense_topk():
+    image_emb, text_emb, _ = random_retrieval(70, [2], 12, seed=4)
+    text_top, image_top = tiled_topk(image_emb, text_emb, 6, tile_rows=9, tile_cols=23)
+    assert torch.equal(text_top, torch.topk(text_emb @ image_emb.T, 6, dim=1).indices)
+    assert torch.equal(image_top, torch.topk(image_emb @ text_emb.T, 6, dim=1).indices)
+    # Fewer candidates than k: every candidate, best first.
+    text_top, image_top = tiled_topk(image_emb[:3], text_emb, 6, tile_rows=2, tile_cols=5)
+    assert text_top.shape == (len(text_emb), 3) and image_top.shape == (3, 6)
+    assert torch.equal(text_top, torch.topk(text_emb @ image_emb[:3].T, 3, dim=1).indices)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tiled_retrieval_with_exact_ties_stays_within_tie_bounds(seed):
+    image_emb, text_emb, t2i = tied_retrieval(seed)
+    for k in (1, 3, 5):
+        image_hits, text_hits = retrieval_hits(image_emb, text_emb, t2i, (k,), chunk_size=5, max_dense_scores=60)
+        (img_lo, img_hi), (txt_lo, txt_hi) = tie_bounds(image_emb, text_emb, t2i, k)
+        assert not (img_lo & ~image_hits[k]).any() and not (image_hits[k] & ~img_hi).any()
+        assert not (txt_lo & ~text_hits[k]).any() and not (text_hits[k] & ~txt_hi).any()
+        # The ties are real: the bounds differ for some queries.
+        assert (img_lo != img_hi).any() or (txt_lo != txt_hi).any()
+
+
+@pytest.fixture(scope="module")
+def fashion_embeddings(data_cache):
+    """Tiny-model embeddings of 60 real Fashion-MNIST test images and of 2 class captions per image."""
+    from PIL import Image
+
+    from clipforge.eval.embed import embed_texts
+    from clipforge.eval.idx import read_idx_images
+    from clipforge.models import create_model
+    from clipforge.models.spec import ModelSpec
+
+    files = {p.name: p for p in data_cache.rglob("t10k-*ubyte*")}
+    if {"t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"} - set(files):
+        pytest.skip(f"Fashion-MNIST test files not in {data_cache}")
+    images, labels = read_idx_images(str(files["t10k-images-idx3-ubyte.gz"]), str(files["t10k-labels-idx1-ubyte.gz"]))
+    images, labels = images[:60], torch.from_numpy(labels[:60])
+    bundle = create_model(ModelSpec(name="tiny", init_seed=2))
+    with torch.no_grad():
+        pixels = torch.stack([bundle.preprocess_val(Image.fromarray(im).convert("RGB")) for im in images])
+        image_emb = F.normalize(bundle.model.encode_image(pixels), dim=-1)
+    names = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+    # Same-class images share their captions word for word: identical caption embeddings, exact ties.
+    captions = [c for y in labels.tolist() for c in (f"a photo of a {names[y]}.", f"a {names[y]}")]
+    text_to_image = torch.arange(60).repeat_interleave(2)
+    return image_emb, embed_texts(bundle, captions), text_to_image, labels, bundle, names
+
+
+def test_retrieval_on_real_fashion_mnist_equals_naive_reference(fashion_embeddings):
+    image_emb, text_emb, t2i, _, _, _ = fashion_embeddings
+    scores = text_emb @ image_emb.T
+    assert (scores.T == scores.T.max(dim=1, keepdim=True).values).sum(1).gt(1).any()  # ties among captions
+    ks = (1, 5, 10)
+    want = naive_retrieval(image_emb, text_emb, t2i, ks)
+    assert_metrics_equal(retrieval_metrics(image_emb, text_emb, t2i, ks), want)
+    assert_metrics_equal(retrieval_metrics(image_emb, text_emb, t2i, ks, chunk_size=7), want)
+    for k in ks:
+        image_hits, text_hits = retrieval_hits(image_emb, text_emb, t2i, (k,), chunk_size=16, max_dense_scores=500)
+        (img_lo, img_hi), (txt_lo, txt_hi) = tie_bounds(image_emb, text_emb, t2i, k)
+        assert not (img_lo & ~image_hits[k]).any() and not (image_hits[k] & ~img_hi).any()
+        assert not (txt_lo & ~text_hits[k]).any() and not (text_hits[k] & ~txt_hi).any()
+
+
+def test_zeroshot_on_real_fashion_mnist_equals_naive_reference(fashion_embeddings):
+    image_emb, _, _, labels, bundle, names = fashion_embeddings
+    classifier = zeroshot_classifier(bundle.model, bundle.tokenizer, names, ["a photo of a {c}.", "a {c}"])
+    logits = 100.0 * image_emb @ classifier
+    assert_metrics_equal(zeroshot_metrics(logits, labels), naive_zeroshot(logits, labels))
 
 
 # ---------------------------------------------------------------- zero-shot metrics

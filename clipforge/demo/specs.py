@@ -76,5 +76,8 @@ def eval_spec(name: str, out: Path, model: str, checkpoint: str | None, label: s
              "classnames": classnames, "templates": "fashion_mnist"},
         ],
         "batch_size": 32,
+        # Shared by the before/after evals: heads-only training leaves the towers frozen, so the second
+        # eval reuses the first one's tower features instead of embedding everything again.
+        "cache": str(out.parent / "cache"),
         "scaling": {"workers": 2, "cpus_per_worker": 0.5},
     }

@@ -1,6 +1,7 @@
-"""Evaluation (`kind: eval`): zero-shot retrieval and classification, CLIP_benchmark definitions and output.
+"""Evaluation (`kind: eval`): retrieval, zero-shot classification, linear and few-shot probes, CLIP_benchmark output.
 
-metrics (pure torch) · templates (prompt sets) · datasets (shards, image folders) ·
-embed (Ray Data image embedding) · runner (`run_eval`). Importing this package stays cheap:
-job specs import `clipforge.eval.spec` without loading torch or Ray.
+metrics / retrieval_tiled / probe (pure torch) · templates (prompt sets) · datasets, idx, loading
+(shards, image folders, IDX files) · features, fingerprint, cache (tower features and the embedding
+cache) · embed (Ray Data image embedding) · tables (results.csv / .md) · runner (`run_eval`).
+Importing this package stays cheap: job specs import `clipforge.eval.spec` without loading torch or Ray.
 """

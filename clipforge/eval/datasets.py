@@ -1,10 +1,13 @@
-"""Evaluation datasets read from storage: caption WebDataset shards and class-per-folder image trees.
+"""Evaluation datasets read from storage: caption WebDataset shards, class-per-folder image trees, IDX files.
 
-Both loaders return light "items" (`{"idx", "bytes"}` or `{"idx", "path"}`) that the Ray Data
-embedding pipeline decodes in parallel; nothing is decoded here.
+The loaders return light "items" (`{"idx", "bytes"}` or `{"idx", "path", "stamp"}`) that the Ray Data
+embedding pipeline decodes in parallel; nothing is decoded here. `stamp` (size and modification
+time) identifies a file's version for the embedding cache without reading it.
 """
 from __future__ import annotations
 
+import io
+import json
 import posixpath
 import re
 import tarfile
@@ -98,8 +101,13 @@ def load_retrieval_webdataset(shards: list[str]) -> tuple[list[dict], list[str],
     return items, captions, caption_image
 
 
+def _stamp(info: dict) -> str:
+    keys = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "md5", "generation")
+    return json.dumps({k: info[k] for k in keys if info.get(k) is not None}, sort_keys=True, default=str)
+
+
 def load_image_folder(folder: str) -> tuple[list[dict], list[int], list[str]]:
-    """Items (`idx`, `path`), labels and the sorted class folder names of `folder/<class>/**/<image>`."""
+    """Items (`idx`, `path`, `stamp`), labels and the sorted class folder names of `folder/<class>/**/<image>`."""
     fs, root = url_to_fs(folder)
     if not fs.isdir(root):
         raise ValueError(f"{folder}: image folder not found")
@@ -111,11 +119,53 @@ def load_image_folder(folder: str) -> tuple[list[dict], list[int], list[str]]:
     items: list[dict] = []
     labels: list[int] = []
     for label, (name, class_dir) in enumerate(class_dirs):
-        files = sorted(p for p in fs.find(class_dir) if p.lower().rsplit(".", 1)[-1] in IMAGE_EXTS)
+        found = fs.find(class_dir, detail=True)
+        files = sorted(p for p in found if p.lower().rsplit(".", 1)[-1] in IMAGE_EXTS)
         if not files:
             raise ValueError(f"{folder}: class folder {name!r} holds no images ({', '.join(IMAGE_EXTS)})")
         for path in files:
             url = fs.unstrip_protocol(path) if "://" in folder else path
-            items.append({"idx": len(items), "path": url})
+            items.append({"idx": len(items), "path": url, "stamp": _stamp(found[path])})
             labels.append(label)
     return items, labels, [name for name, _ in class_dirs]
+
+
+def _png(image) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _first_per_class(labels: list[int], max_per_class: int | None) -> list[int]:
+    if max_per_class is None:
+        return list(range(len(labels)))
+    taken: dict[int, int] = {}
+    keep = []
+    for i, label in enumerate(labels):
+        if taken.get(label, 0) < max_per_class:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(i)
+    return keep
+
+
+def load_labelled_source(source) -> tuple[list[dict], list[int], list[str] | None]:
+    """Items, labels and class names (folder names; None for IDX files) of an ImageFolderSource or IdxSource.
+
+    IDX images are PNG-encoded here (lossless), so they travel through the same decode step as files.
+    """
+    from clipforge.eval.idx import read_idx_images
+
+    if source.kind == "image_folder":
+        items, labels, classnames = load_image_folder(source.path)
+    else:
+        images, label_array = read_idx_images(source.images, source.labels)
+        keep = _first_per_class(label_array.tolist(), source.max_per_class)
+        items = [{"idx": n, "bytes": _png(images[i])} for n, i in enumerate(keep)]
+        return items, [int(label_array[i]) for i in keep], None
+    keep = _first_per_class(labels, source.max_per_class)
+    if len(keep) < len(items):
+        items = [{**items[i], "idx": n} for n, i in enumerate(keep)]
+        labels = [labels[i] for i in keep]
+    return items, labels, classnames

@@ -13,7 +13,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from clipforge.models.spec import ModelSpec
@@ -60,21 +59,29 @@ def _decode_and_preprocess(batch: dict[str, np.ndarray], preprocess: Callable) -
 
 
 class EmbedActor:
-    """Holds one model; turns batches of preprocessed pixels into L2-normalised image embeddings."""
+    """Holds one model; turns batches of preprocessed pixels into image features.
 
-    def __init__(self, model_spec: ModelSpec, cpus: float, use_gpu: bool = False):
+    `output`: `embedding` (L2-normalised image embeddings) or `trunk` (the image trunk's outputs, before
+    the projection head: what the embedding cache keeps). The tower runs in chunks of 16 images on a
+    CPU, whatever the batch size (see features.CPU_IMAGE_CHUNK).
+    """
+
+    def __init__(self, model_spec: ModelSpec, cpus: float, use_gpu: bool = False, output: str = "embedding"):
         from clipforge.models import create_model
 
         torch.set_num_threads(max(1, int(cpus)))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = create_model(model_spec).model.to(self.device).eval()
+        self.output = output
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        from clipforge.eval.features import image_features
+
         if len(batch["idx"]) == 0:
             return
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"], dtype=np.float32)).to(self.device)
-        emb = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        emb = image_features(self.model, pixels, self.output)
         yield {"idx": np.asarray(batch["idx"], dtype=np.int64), "emb": emb.cpu().numpy()}
 
 
@@ -119,15 +126,18 @@ def embed_images(
     batch_size: int,
     scaling: Scaling,
     preprocess: Callable | None = None,
+    output: str = "embedding",
 ) -> tuple[np.ndarray, list[int]]:
     """Embed images with Ray Data (Ray must be initialised, e.g. inside `ray_session`).
 
     `items`: dicts with `idx` (unique int) and either `bytes` (an encoded image) or `path` (local or
     fsspec). `preprocess` defaults to the model's `preprocess_val` (pass it when a bundle is already
     built, to avoid building the model once more here).
-    Returns the L2-normalised float32 embeddings of the images that decoded, in increasing `idx`
-    order, and the sorted `idx` of the images that did not.
+    Returns the float32 features of the images that decoded, in increasing `idx` order (L2-normalised
+    embeddings, or trunk outputs with `output="trunk"`), and the sorted `idx` of the images that did not.
     """
+    if output not in ("embedding", "trunk"):
+        raise ValueError(f"output must be 'embedding' or 'trunk', got {output!r}")
     import ray
 
     if not items:
@@ -167,6 +177,7 @@ def embed_images(
             "model_spec": model_spec,
             "cpus": scaling.cpus_per_worker,
             "use_gpu": scaling.gpus_per_worker > 0,
+            "output": output,
         },
         concurrency=scaling.workers,
         num_cpus=scaling.cpus_per_worker,
@@ -192,14 +203,16 @@ def embed_images(
     return emb[order], failed
 
 
-@torch.no_grad()
 def embed_texts(bundle, texts: list[str], batch_size: int = 256) -> Tensor:
-    """L2-normalised float32 embeddings [N, D] of `texts`, computed in this process in batches."""
+    """L2-normalised float32 embeddings [N, D] of `texts`, computed in this process in batches.
+
+    Through the text trunk and the projection head (see features.TowerView): captions are batched by
+    length, and Hugging Face trunks skip all-padding columns.
+    """
+    from clipforge.eval.features import TowerView, feature_kind
+
     if not texts:
         raise ValueError("no texts to embed")
     model = bundle.model.eval()
-    out = []
-    for start in range(0, len(texts), batch_size):
-        tokens = bundle.tokenizer(list(texts[start : start + batch_size]))
-        out.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    return torch.cat(out)
+    view = TowerView(model=model, kind=feature_kind(model), image_key="", text_key="")
+    return view.project_texts(view.text_features(bundle.tokenizer(list(texts)), batch_size=batch_size))

@@ -7,7 +7,8 @@ Ties: wherever CLIP_benchmark ranks with `torch.topk`, so do we, on the same sco
 score at the k-th place, which of them enter the top k is torch.topk's choice: deterministic for a
 given device and input row, independent of the other rows, but not "lowest index first". Chunking
 the queries therefore never changes a result, and results equal CLIP_benchmark's on the same
-embeddings.
+embeddings. Retrieval beyond `max_dense_scores` scores switches to tiles (`retrieval_tiled`), whose
+memory does not grow with the candidate count; only exact ties at the k-th place may fall differently there.
 """
 from __future__ import annotations
 
@@ -37,20 +38,20 @@ def _check_retrieval_inputs(image_emb: Tensor, text_emb: Tensor, text_to_image: 
         raise ValueError(f"text_to_image has image index {lo if lo < 0 else hi}, outside 0..{len(image_emb) - 1}")
 
 
-def retrieval_metrics(
+def retrieval_hits(
     image_emb: Tensor,
     text_emb: Tensor,
     text_to_image: Tensor,
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 4096,
-) -> dict[str, float]:
-    """Recall@k for both retrieval directions over L2-normalised embeddings.
+    max_dense_scores: int = 2**26,
+) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """Per-query hits: ({k: bool[n_texts]} caption->image, {k: bool[n_images]} image->caption).
 
-    `image_retrieval_recall@k`: each caption queries all images; a hit when its image is in the top k.
-    `text_retrieval_recall@k`: each image queries all captions; a hit when ANY of its captions is in the
-    top k (an image without captions is a miss, as in CLIP_benchmark). Scores are computed
-    `chunk_size` queries at a time, so memory stays at chunk_size x candidates.
-    A k larger than the number of candidates is clamped to it (every positive is then retrieved).
+    Up to `max_dense_scores` scores in all, each query chunk is ranked against all candidates with
+    `torch.topk`, exactly as CLIP_benchmark ranks. Beyond it, the scores are computed once in tiles and
+    both directions keep running top-k lists (`retrieval_tiled`): memory stays bounded for any size, and
+    results only differ from the dense ranking where candidates tie exactly at the k-th place.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -60,7 +61,10 @@ def retrieval_metrics(
     _check_retrieval_inputs(image_emb, text_emb, text_to_image)
     image_emb, text_emb = image_emb.float(), text_emb.float()
     n_images, n_texts = len(image_emb), len(text_emb)
+    if n_images * n_texts > max_dense_scores:
+        return _tiled_hits(image_emb, text_emb, text_to_image, ks, chunk_size, max_dense_scores)
 
+    chunk_size = max(1, min(chunk_size, max_dense_scores // max(n_images, n_texts)))
     image_hits = {k: torch.zeros(n_texts, dtype=torch.bool) for k in ks}
     for start in range(0, n_texts, chunk_size):
         scores = text_emb[start : start + chunk_size] @ image_emb.T
@@ -77,7 +81,40 @@ def retrieval_metrics(
         for k in ks:
             top = torch.topk(scores, min(int(k), n_texts), dim=1).indices
             text_hits[k][start : start + chunk_size] = (text_to_image[top] == own).any(dim=1)
+    return image_hits, text_hits
 
+
+def _tiled_hits(image_emb, text_emb, text_to_image, ks, chunk_size, max_dense_scores):
+    from clipforge.eval.retrieval_tiled import tiled_topk
+
+    # Tiles a quarter of the dense budget: the tile and its transposed copy live together.
+    rows = max(1, min(chunk_size, 2048))
+    cols = max(1, max_dense_scores // 4 // rows)
+    text_top, image_top = tiled_topk(image_emb, text_emb, max(int(k) for k in ks), tile_rows=rows, tile_cols=cols)
+    own = torch.arange(len(image_emb))[:, None]
+    image_hits = {k: (text_top[:, : int(k)] == text_to_image[:, None]).any(dim=1) for k in ks}
+    text_hits = {k: (text_to_image[image_top[:, : int(k)]] == own).any(dim=1) for k in ks}
+    return image_hits, text_hits
+
+
+def retrieval_metrics(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 4096,
+    max_dense_scores: int = 2**26,
+) -> dict[str, float]:
+    """Recall@k for both retrieval directions over L2-normalised embeddings.
+
+    `image_retrieval_recall@k`: each caption queries all images; a hit when its image is in the top k.
+    `text_retrieval_recall@k`: each image queries all captions; a hit when ANY of its captions is in the
+    top k (an image without captions is a miss, as in CLIP_benchmark). Scores are computed
+    `chunk_size` queries at a time against all candidates, or in tiles for very large sets (see
+    `retrieval_hits`), so memory stays bounded.
+    A k larger than the number of candidates is clamped to it (every positive is then retrieved).
+    """
+    image_hits, text_hits = retrieval_hits(image_emb, text_emb, text_to_image, ks, chunk_size, max_dense_scores)
     metrics: dict[str, float] = {}
     for k in ks:
         metrics[f"image_retrieval_recall@{k}"] = image_hits[k].float().mean().item()
@@ -103,6 +140,24 @@ def _class_prompts(classname: str, templates: list[str] | dict[str, list[str]]) 
     return prompts
 
 
+def class_prompts(classnames: list[str], templates: list[str] | dict[str, list[str]]) -> list[list[str]]:
+    """Every class's prompts: `{c}` templates filled in, or a class -> prompts mapping looked up."""
+    if not classnames:
+        raise ValueError("zero-shot classification needs at least one class name")
+    return [_class_prompts(c, templates) for c in classnames]
+
+
+def classifier_from_prompts(prompt_emb: Tensor, per_class: list[list[str]]) -> Tensor:
+    """Zero-shot weights [D, C] from embeddings of the flattened prompts (class by class, in order):
+    each prompt embedding L2-normalised, averaged per class, the mean renormalised."""
+    counts = [len(p) for p in per_class]
+    if len(prompt_emb) != sum(counts):
+        raise ValueError(f"{len(prompt_emb)} prompt embeddings for {sum(counts)} prompts")
+    prompt_emb = F.normalize(prompt_emb.float(), dim=-1)
+    weights = [chunk.mean(dim=0) for chunk in prompt_emb.split(counts)]
+    return torch.stack([w / w.norm() for w in weights], dim=1)
+
+
 @torch.no_grad()
 def zeroshot_classifier(
     model,
@@ -117,23 +172,15 @@ def zeroshot_classifier(
     `templates` is a list of `{c}` templates, or a dict classname -> prompts. Prompts of all classes are
     encoded together in batches of `batch_size` (the averaging stays per class).
     """
-    if not classnames:
-        raise ValueError("zero-shot classification needs at least one class name")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    per_class = [_class_prompts(c, templates) for c in classnames]
+    per_class = class_prompts(classnames, templates)
     flat = [p for prompts in per_class for p in prompts]
     chunks = []
     for start in range(0, len(flat), batch_size):
         tokens = tokenizer(flat[start : start + batch_size]).to(device)
-        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    prompt_emb = torch.cat(chunks)
-    weights, start = [], 0
-    for prompts in per_class:
-        mean = prompt_emb[start : start + len(prompts)].mean(dim=0)
-        weights.append(mean / mean.norm())
-        start += len(prompts)
-    return torch.stack(weights, dim=1)
+        chunks.append(model.encode_text(tokens).float())
+    return classifier_from_prompts(torch.cat(chunks), per_class)
 
 
 def zeroshot_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:

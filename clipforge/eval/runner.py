@@ -1,31 +1,45 @@
-"""`kind: eval` job: every task's metrics, written as CLIP_benchmark-style JSON files.
+"""`kind: eval` job: every model's metrics on every task, written as CLIP_benchmark-style JSON files.
 
 One file per (dataset, model, task), named `{dataset}_{pretrained}_{model}_en_{task}.json` with
-keys dataset / model / pretrained / task / metrics / language, plus `results.json` (all of them).
-As in CLIP_benchmark, `acc5` is written as NaN (JSON `NaN`) for datasets with fewer than 5 classes.
+keys dataset / model / pretrained / task / metrics / language, plus `results.json` (all of them),
+the merged table `results.csv` / `results.md`, and `eval_stats.json` (what was embedded and what
+came from the cache, per model). As in CLIP_benchmark, `acc5` is written as NaN (JSON `NaN`) for
+datasets with fewer than 5 classes.
+
+Images are embedded on Ray Data, once per model for all tasks together, and only where the
+embedding cache (`spec.cache`, plus memory within the job) has no features for the model's image
+tower, its transform and the images. Texts are embedded in this process, cached the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import posixpath
-from dataclasses import dataclass, field
+import time
+from collections import Counter
 
 import fsspec
 import numpy as np
 import torch
 
 from clipforge.cluster.ray_runtime import ray_session
-from clipforge.eval.datasets import load_image_folder, load_retrieval_webdataset
-from clipforge.eval.embed import embed_images, embed_texts
-from clipforge.eval.metrics import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
-from clipforge.eval.spec import EvalSpec, RetrievalTask, ZeroShotTask
-from clipforge.eval.templates import get_templates
+from clipforge.eval.cache import FeatureStore, cache_key
+from clipforge.eval.embed import embed_images
+from clipforge.eval.features import TowerView, tower_view
+from clipforge.eval.fingerprint import describe_transform, digest_array
+from clipforge.eval.loading import ImageSet, LoadedTask, load_task
+from clipforge.eval.metrics import class_prompts, classifier_from_prompts, retrieval_metrics, zeroshot_metrics
+from clipforge.eval.probe import few_shot_probe, linear_probe
+from clipforge.eval.spec import EvalSpec, FewShotTask, LinearProbeTask, RetrievalTask
+from clipforge.eval.tables import to_csv, to_markdown
+from clipforge.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 LANGUAGE = "en"
+STATS_FILE = "eval_stats.json"
 
 
 def _slug(text: str) -> str:
@@ -40,114 +54,199 @@ def result_filename(dataset: str, model_label: str, model_name: str, task: str) 
     return f"{_slug(dataset)}_{_slug(model_label)}_{_slug(model_name)}_{LANGUAGE}_{task}.json"
 
 
-@dataclass
-class _LoadedTask:
-    """A task with its data read and checked, before any embedding."""
+class _ImageFeatures:
+    """Features of one ImageSet: rows of the decodable images, their positions in the set, failures."""
 
-    task: RetrievalTask | ZeroShotTask
-    items: list[dict]
-    captions: list[str] = field(default_factory=list)
-    caption_image: list[int] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    classnames: list[str] = field(default_factory=list)
-    templates: list[str] | dict[str, list[str]] = field(default_factory=list)
+    def __init__(self, features: np.ndarray, kept: np.ndarray, n_items: int):
+        self.features, self.kept, self.n_failed = features, kept, n_items - len(kept)
 
 
-def _load_task(task: RetrievalTask | ZeroShotTask) -> _LoadedTask:
-    if isinstance(task, RetrievalTask):
-        items, captions, caption_image = load_retrieval_webdataset(task.shards)
-        return _LoadedTask(task, items, captions=captions, caption_image=caption_image)
-    items, labels, folder_names = load_image_folder(task.image_folder)
-    classnames = task.classnames or folder_names
-    if len(classnames) != len(folder_names):
-        raise ValueError(
-            f"task {task.dataset!r}: {len(classnames)} classnames given but {task.image_folder} has "
-            f"{len(folder_names)} class folders ({', '.join(folder_names)})"
-        )
-    templates = get_templates(task.templates)
-    return _LoadedTask(task, items, labels=labels, classnames=classnames, templates=templates)
+class _ModelRun:
+    """One model's pass over all tasks: cached features looked up, the rest embedded, metrics computed."""
+
+    def __init__(self, spec: EvalSpec, model_spec: ModelSpec, label: str, store: FeatureStore, start_ray):
+        from clipforge.models import create_model
+
+        self.spec, self.model_spec, self.label, self.store, self.start_ray = spec, model_spec, label, store, start_ray
+        self.bundle = create_model(model_spec)
+        self.view: TowerView = tower_view(self.bundle)
+        self.transform = describe_transform(self.bundle.preprocess_val)
+        self.stats: Counter = Counter()
+
+    def _image_key(self, image_set: ImageSet) -> str:
+        return cache_key(what="image", tower=self.view.image_key, transform=self.transform, images=image_set.digest)
+
+    def image_features(self, loaded: list[LoadedTask]) -> dict[str, _ImageFeatures]:
+        """Features of every task's images by cache key; one Ray Data pass embeds whatever is missing."""
+        out: dict[str, _ImageFeatures] = {}
+        pending: dict[str, ImageSet] = {}
+        for image_set in (s for lt in loaded for s in lt.images):
+            key = self._image_key(image_set)
+            if key in out or key in pending:
+                continue
+            cached = self.store.get("image", key)
+            if cached is None:
+                pending[key] = image_set
+                continue
+            out[key] = _ImageFeatures(cached["features"], cached["kept"], int(cached["n_items"]))
+            self.stats["images_from_cache"] += len(image_set.items)
+        if pending:
+            out.update(self._embed(pending))
+        return out
+
+    def _embed(self, pending: dict[str, ImageSet]) -> dict[str, _ImageFeatures]:
+        sets = list(pending.values())
+        offsets = np.cumsum([0] + [len(s.items) for s in sets])
+        items = [{**it, "idx": int(off) + pos} for s, off in zip(sets, offsets) for pos, it in enumerate(s.items)]
+        self.start_ray()
+        t0 = time.perf_counter()
+        feats, failed = embed_images(self.model_spec, items, self.spec.batch_size, self.spec.scaling,
+                                     self.bundle.preprocess_val, output=self.view.kind)
+        self.stats["embed_seconds"] += time.perf_counter() - t0
+        self.stats["images_embedded"] += len(items)
+        keep = np.ones(len(items), dtype=bool)
+        keep[failed] = False
+        row_start = np.concatenate([[0], np.cumsum(keep)])  # feature row of each global idx, if kept
+        out = {}
+        for (key, image_set), lo, hi in zip(pending.items(), offsets[:-1], offsets[1:]):
+            kept = np.flatnonzero(keep[lo:hi]).astype(np.int64)
+            block = feats[row_start[lo] : row_start[hi]] if len(kept) else np.zeros((0, 0), np.float32)
+            self.store.put("image", key, {"features": block, "kept": kept, "n_items": np.int64(hi - lo)},
+                           meta={"images": image_set.name, "model": self.model_spec.name, "n_items": int(hi - lo)})
+            out[key] = _ImageFeatures(block, kept, int(hi - lo))
+        return out
+
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised embeddings of `texts`: cached text features through this model's text head."""
+        tokens = self.bundle.tokenizer(list(texts))
+        key = cache_key(what="text", tower=self.view.text_key, tokens=digest_array(tokens))
+        cached = self.store.get("text", key)
+        if cached is not None:
+            feats = torch.from_numpy(cached["features"])
+            self.stats["texts_from_cache"] += len(texts)
+        else:
+            t0 = time.perf_counter()
+            feats = self.view.text_features(tokens)
+            self.stats["text_seconds"] += time.perf_counter() - t0
+            self.stats["texts_embedded"] += len(texts)
+            self.store.put("text", key, {"features": feats.numpy()}, meta={"texts": len(texts)})
+        return self.view.project_texts(feats)
+
+    def embedded(self, lt: LoadedTask, image_set: ImageSet,
+                 features: dict[str, _ImageFeatures]) -> tuple[torch.Tensor, _ImageFeatures]:
+        got = features[self._image_key(image_set)]
+        if len(got.kept) == 0:
+            raise ValueError(f"task {lt.task.dataset!r}: none of the {len(image_set.items)} images of "
+                             f"{image_set.name} could be decoded")
+        return self.view.project_images(got.features), got
 
 
-def _embed_all(spec: EvalSpec, loaded: list[_LoadedTask], bundle) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """Every task's images in one Ray Data pass (one actor pool start-up for the whole job).
-
-    Returns per task: embeddings of its decodable images, their positions in the task's items, n_failed.
-    """
-    offsets = np.cumsum([0] + [len(lt.items) for lt in loaded])
-    items = [{**it, "idx": int(off) + it["idx"]} for lt, off in zip(loaded, offsets) for it in lt.items]
-    image_emb, failed = embed_images(spec.model, items, spec.batch_size, spec.scaling, bundle.preprocess_val)
-    keep = np.ones(len(items), dtype=bool)
-    keep[failed] = False
-    row_start = np.concatenate([[0], np.cumsum(keep)])  # embedding row of each global idx, if kept
-    out = []
-    for lt, lo, hi in zip(loaded, offsets[:-1], offsets[1:]):
-        kept = np.flatnonzero(keep[lo:hi])
-        if len(kept) == 0:
-            raise ValueError(f"task {lt.task.dataset!r}: none of its {hi - lo} images could be decoded")
-        out.append((image_emb[row_start[lo] : row_start[hi]], kept, int(hi - lo - len(kept))))
-    return out
-
-
-def _retrieval(lt: _LoadedTask, image_emb: np.ndarray, kept: np.ndarray, n_failed: int, bundle) -> dict:
+def _retrieval(run: _ModelRun, lt: LoadedTask, features) -> dict:
+    image_emb, got = run.embedded(lt, lt.images[0], features)
     # Captions of a skipped image have nothing to retrieve: they leave with it.
-    row_of_image = np.full(len(lt.items), -1, dtype=np.int64)
-    row_of_image[kept] = np.arange(len(kept))
+    row_of_image = np.full(len(lt.images[0].items), -1, dtype=np.int64)
+    row_of_image[got.kept] = np.arange(len(got.kept))
     caption_rows = row_of_image[np.asarray(lt.caption_image, dtype=np.int64)]
-    keep_caption = caption_rows >= 0
-    texts = [c for c, keep in zip(lt.captions, keep_caption) if keep]
-    text_emb = embed_texts(bundle, texts)
-    metrics = retrieval_metrics(
-        torch.from_numpy(image_emb), text_emb, torch.from_numpy(caption_rows[keep_caption]), ks=lt.task.recall_k
-    )
-    metrics.update(n_images=len(kept), n_texts=len(texts), n_failed=n_failed)
+    keep_caption = torch.from_numpy(caption_rows >= 0)
+    text_emb = run.text_embeddings(lt.captions)[keep_caption]
+    metrics = retrieval_metrics(image_emb, text_emb, torch.from_numpy(caption_rows)[keep_caption],
+                                ks=lt.task.recall_k)
+    metrics.update(n_images=len(got.kept), n_texts=len(text_emb), n_failed=got.n_failed)
     return metrics
 
 
-def _zeroshot(lt: _LoadedTask, image_emb: np.ndarray, kept: np.ndarray, n_failed: int, bundle) -> dict:
-    classifier = zeroshot_classifier(bundle.model, bundle.tokenizer, lt.classnames, lt.templates)
-    logits = 100.0 * torch.from_numpy(image_emb) @ classifier
-    metrics = zeroshot_metrics(logits, torch.as_tensor(lt.labels)[torch.from_numpy(kept)])
-    metrics.update(n_images=len(kept), n_classes=len(lt.classnames), n_failed=n_failed)
+def _zeroshot(run: _ModelRun, lt: LoadedTask, features) -> dict:
+    image_emb, got = run.embedded(lt, lt.images[0], features)
+    per_class = class_prompts(lt.classnames, lt.templates)
+    classifier = classifier_from_prompts(run.text_embeddings([p for ps in per_class for p in ps]), per_class)
+    labels = torch.as_tensor(lt.images[0].labels)[torch.from_numpy(got.kept)]
+    metrics = zeroshot_metrics(100.0 * image_emb @ classifier, labels)
+    metrics.update(n_images=len(got.kept), n_classes=len(lt.classnames), n_failed=got.n_failed)
     return metrics
+
+
+def _probe(run: _ModelRun, lt: LoadedTask, features) -> dict:
+    (x_train, train), (x_test, test) = (run.embedded(lt, s, features) for s in lt.images)
+    y_train = torch.as_tensor(lt.images[0].labels)[torch.from_numpy(train.kept)]
+    y_test = torch.as_tensor(lt.images[1].labels)[torch.from_numpy(test.kept)]
+    task = lt.task
+    try:
+        if isinstance(task, LinearProbeTask):
+            metrics = linear_probe(x_train, y_train, x_test, y_test, lt.n_classes, task.weight_decays,
+                                   val_fraction=task.val_fraction, seed=task.seed, max_iter=task.max_iter)
+        else:
+            metrics = few_shot_probe(x_train, y_train, x_test, y_test, lt.n_classes, task.shots,
+                                     task.weight_decays, val_shots=task.val_shots, repeats=task.repeats,
+                                     seed=task.seed, max_iter=task.max_iter)
+            metrics["n_train_pool"] = len(y_train)
+    except ValueError as e:
+        raise ValueError(f"task {task.dataset!r} ({task.task}): {e}") from None
+    metrics.update(n_classes=lt.n_classes, n_failed=train.n_failed + test.n_failed)
+    return metrics
+
+
+def _score(run: _ModelRun, lt: LoadedTask, features) -> dict:
+    with torch.no_grad():
+        if isinstance(lt.task, RetrievalTask):
+            return _retrieval(run, lt, features)
+        if isinstance(lt.task, (LinearProbeTask, FewShotTask)):
+            return _probe(run, lt, features)
+        return _zeroshot(run, lt, features)
+
+
+def _write_text(fs, path: str, text: str) -> None:
+    with fs.open(path, "w") as f:
+        f.write(text)
 
 
 def _write_json(fs, path: str, data) -> None:
-    with fs.open(path, "w") as f:
-        json.dump(data, f, indent=2)
+    _write_text(fs, path, json.dumps(data, indent=2))
+
+
+def _shown(metrics: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) and not math.isnan(v) else v) for k, v in metrics.items()}
 
 
 def run_eval(spec: EvalSpec) -> list[dict]:
-    """Run every task of `spec`; write one result JSON per task and `results.json` into `spec.storage`."""
-    from clipforge.models import create_model
-
+    """Run every task of `spec` for every model; write the result files into `spec.storage`; return the results."""
     # Read and check every task's data first: a bad folder fails the job before any model work.
-    loaded = [_load_task(task) for task in spec.tasks]
-    with ray_session(spec.ray):
-        bundle = create_model(spec.model)
-        bundle.model.eval()
-        embedded = _embed_all(spec, loaded, bundle)
+    loaded = [load_task(task) for task in spec.tasks]
+    store = FeatureStore(spec.cache)
     fs, root = fsspec.core.url_to_fs(spec.storage)
     fs.makedirs(root, exist_ok=True)
     results: list[dict] = []
-    for lt, (image_emb, kept, n_failed) in zip(loaded, embedded):
-        task = lt.task
-        with torch.no_grad():
-            if isinstance(task, RetrievalTask):
-                metrics = _retrieval(lt, image_emb, kept, n_failed, bundle)
-            else:
-                metrics = _zeroshot(lt, image_emb, kept, n_failed, bundle)
-        result = {
-            "dataset": task.dataset,
-            "model": spec.model.name,
-            "pretrained": spec.model_label,
-            "task": task.task,
-            "metrics": metrics,
-            "language": LANGUAGE,
-        }
-        name = result_filename(task.dataset, spec.model_label, spec.model.name, task.task)
-        _write_json(fs, posixpath.join(root, name), result)
-        shown = {k: (round(v, 4) if isinstance(v, float) and not math.isnan(v) else v) for k, v in metrics.items()}
-        log.info("%s %s: %s", task.dataset, task.task, shown)
-        results.append(result)
+    stats: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        ray_started: list[bool] = []
+
+        def start_ray() -> None:
+            # Ray only when something must be embedded: a job served from the cache never starts it.
+            if not ray_started:
+                stack.enter_context(ray_session(spec.ray))
+                ray_started.append(True)
+
+        for model_spec, label in spec.model_entries():
+            t0 = time.perf_counter()
+            run = _ModelRun(spec, model_spec, label, store, start_ray)
+            features = run.image_features(loaded)
+            for lt in loaded:
+                metrics = _score(run, lt, features)
+                result = {"dataset": lt.task.dataset, "model": model_spec.name, "pretrained": label,
+                          "task": lt.task.task, "metrics": metrics, "language": LANGUAGE}
+                _write_json(fs, posixpath.join(root, result_filename(lt.task.dataset, label, model_spec.name,
+                                                                     lt.task.task)), result)
+                log.info("%s %s %s: %s", label, lt.task.dataset, lt.task.task, _shown(metrics))
+                results.append(result)
+            entry = {"model": model_spec.name, "pretrained": label, "feature_kind": run.view.kind,
+                     **{k: 0 for k in ("images_embedded", "images_from_cache", "texts_embedded", "texts_from_cache")},
+                     **{k: round(v, 3) if isinstance(v, float) else v for k, v in run.stats.items()},
+                     "seconds": round(time.perf_counter() - t0, 3)}
+            log.info("eval %s (%s): %d images embedded, %d from cache; %d texts embedded, %d from cache; %.1f s",
+                     label, model_spec.name, entry["images_embedded"], entry["images_from_cache"],
+                     entry["texts_embedded"], entry["texts_from_cache"], entry["seconds"])
+            stats.append(entry)
     _write_json(fs, posixpath.join(root, "results.json"), results)
+    _write_text(fs, posixpath.join(root, "results.csv"), to_csv(results))
+    _write_text(fs, posixpath.join(root, "results.md"), to_markdown(results))
+    _write_json(fs, posixpath.join(root, STATS_FILE), {"cache": spec.cache, "models": stats})
     return results

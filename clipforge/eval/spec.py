@@ -1,6 +1,7 @@
 """Typed spec of an evaluation job (`kind: eval`)."""
 from __future__ import annotations
 
+import posixpath
 from typing import Annotated, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
@@ -43,21 +44,150 @@ class ZeroShotTask(Spec):
     )
 
 
+# Tasks that need only embeddings and the eval metrics: the training loop's periodic evaluation runs these too.
 EvalTask = Annotated[Union[RetrievalTask, ZeroShotTask], Field(discriminator="task")]
 
 
+class ImageFolderSource(Spec):
+    """Labelled images as `path/<class>/**/<image>`; classes in sorted folder-name order."""
+
+    kind: Literal["image_folder"] = Field(..., description="`image_folder` (may be left out where `path` is given).")
+    path: str = Field(..., description="Folder with one sub-folder of images per class (local or fsspec).")
+    max_per_class: int | None = Field(
+        None, ge=1, description="Keep the first N images of each class (sorted file order); default all."
+    )
+
+
+class IdxSource(Spec):
+    """Labelled images in IDX files (the MNIST / Fashion-MNIST format, optionally gzipped)."""
+
+    kind: Literal["idx"] = Field(..., description="`idx` (may be left out where `images` is given).")
+    images: str = Field(..., description="IDX image file (`*-images-idx3-ubyte[.gz]`), local or fsspec.")
+    labels: str = Field(..., description="IDX label file (`*-labels-idx1-ubyte[.gz]`) with one label per image.")
+    max_per_class: int | None = Field(
+        None, ge=1, description="Keep the first N images of each class (file order); default all."
+    )
+
+
+ImageSource = Annotated[Union[ImageFolderSource, IdxSource], Field(discriminator="kind")]
+
+
+def _default_weight_decays() -> list[float]:
+    # Half-decade steps from 1e-6 to 10: a log-spaced sweep over the L2 strength of the probe.
+    return [10.0 ** (e / 2) for e in range(-12, 3)]
+
+
+class _ProbeTask(Spec):
+    dataset: str = Field(..., description="Dataset name used in results.")
+    train: ImageSource = Field(..., description="Labelled images the probe is fitted on (validation is carved from "
+                               "them).")
+    test: ImageSource = Field(..., description="Labelled images the probe is scored on.")
+    weight_decays: list[float] = Field(
+        default_factory=_default_weight_decays, min_length=1,
+        description="L2 strengths swept on the validation split (loss = mean cross-entropy + wd/2 * |W|^2; "
+        "sklearn's C = 1 / (wd * n_train)).",
+    )
+    max_iter: int = Field(1000, ge=1, description="L-BFGS iterations per fit.")
+    seed: int = Field(0, description="Seed of the validation split (and of the few-shot samples).")
+
+    @field_validator("train", "test", mode="before")
+    @classmethod
+    def _infer_source_kind(cls, value):
+        # `kind` may be left out where the fields say it: `path` is an image folder, `images` IDX files.
+        if isinstance(value, dict) and "kind" not in value:
+            if "images" in value:
+                return {"kind": "idx", **value}
+            if "path" in value:
+                return {"kind": "image_folder", **value}
+        return value
+
+    @field_validator("weight_decays")
+    @classmethod
+    def _positive(cls, wds: list[float]) -> list[float]:
+        if any(not (w > 0) for w in wds):
+            raise ValueError(f"weight decays must be > 0, got {wds}")
+        return sorted(set(wds))
+
+
+class LinearProbeTask(_ProbeTask):
+    """Logistic regression on frozen image embeddings (the CLIP paper's linear-probe protocol)."""
+
+    task: Literal["linear_probe"]
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of each class's train images held out to choose the weight decay; "
+        "the probe is then refitted on all train images."
+    )
+
+
+class FewShotTask(_ProbeTask):
+    """Linear probes fitted on k labelled images per class, for each k in `shots`."""
+
+    task: Literal["few_shot"]
+    shots: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1,
+                             description="Images per class the probe is fitted on.")
+    val_shots: int = Field(
+        4, ge=1, description="Validation images per class for choosing the weight decay: min(k, val_shots) others "
+        "from the same class, never among the k."
+    )
+    repeats: int = Field(1, ge=1, description="Draws of the k-shot sample (seeds seed, seed+1, ...); metrics are "
+                         "averaged over them.")
+
+    @field_validator("shots")
+    @classmethod
+    def _positive_distinct_shots(cls, shots: list[int]) -> list[int]:
+        if any(k < 1 for k in shots) or len(set(shots)) != len(shots):
+            raise ValueError(f"shots must be distinct and >= 1, got {shots}")
+        return sorted(shots)
+
+
+JobTask = Annotated[
+    Union[RetrievalTask, ZeroShotTask, LinearProbeTask, FewShotTask], Field(discriminator="task")
+]
+
+
+class SuiteModel(ModelSpec):
+    """One model of a suite: a model spec plus the label its results carry (`pretrained` in the files)."""
+
+    label: str = Field(..., min_length=1, description="Written as `pretrained` in results (e.g. `untrained`).")
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(**self.model_dump(exclude={"label"}))
+
+
+def _name_stem(name: str) -> str:
+    # A model given as a JSON config path is named by the file's stem, not its whole path.
+    if name.endswith(".json"):
+        return posixpath.basename(name.replace("\\", "/"))[: -len(".json")]
+    return name
+
+
 class EvalSpec(Spec):
-    """`kind: eval` — retrieval and zero-shot classification on Ray Data."""
+    """`kind: eval` — retrieval, zero-shot classification and linear probes of one or several models on Ray Data."""
 
     kind: Literal["eval"]
     name: str = Field("eval", description="Job name.")
-    storage: str = Field(..., description="Output folder for result JSON files (local or fsspec).")
-    model: ModelSpec
+    storage: str = Field(..., description="Output folder for result JSON files and tables (local or fsspec).")
+    model: ModelSpec | None = Field(None, description="The model to evaluate (or give `models`).")
     model_label: str = Field("clipforge", description="Written as `pretrained` in CLIP_benchmark-style results.")
-    tasks: list[EvalTask] = Field(..., min_length=1)
+    models: list[SuiteModel] | None = Field(
+        None, min_length=1, description="Several models, each {name, checkpoint, label, ...}, evaluated on every "
+        "task (instead of `model`)."
+    )
+    tasks: list[JobTask] = Field(..., min_length=1)
     batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
+    cache: str | None = Field(
+        None,
+        description="Folder (local or fsspec) of cached tower features, reused by later jobs: a model whose "
+        "frozen towers match (e.g. after heads-only training) skips embedding. None: no cache across jobs.",
+    )
     scaling: Scaling = Field(default_factory=lambda: Scaling(workers=2, cpus_per_worker=0.5))
     ray: RayInit = Field(default_factory=RayInit)
+
+    @model_validator(mode="after")
+    def _one_model_form(self) -> "EvalSpec":
+        if (self.model is None) == (self.models is None):
+            raise ValueError("give either `model` (one model) or `models` (a list), not both or neither")
+        return self
 
     @model_validator(mode="after")
     def _distinct_outputs(self) -> "EvalSpec":
@@ -71,4 +201,20 @@ class EvalSpec(Spec):
                     "give them different `dataset` names"
                 )
             seen[key] = i
+        if self.models is not None:
+            names: dict[tuple[str, str], int] = {}
+            for i, m in enumerate(self.models):
+                key = (m.label.replace("/", "_"), _name_stem(m.name).replace("/", "_"))
+                if key in names:
+                    raise ValueError(
+                        f"models #{names[key]} and #{i} are both {m.name!r} labelled {m.label!r}; their results "
+                        "would share file names: give them different labels"
+                    )
+                names[key] = i
         return self
+
+    def model_entries(self) -> list[tuple[ModelSpec, str]]:
+        """(model spec, label) of every model the job evaluates, in the given order."""
+        if self.models is not None:
+            return [(m.model_spec(), m.label) for m in self.models]
+        return [(self.model, self.model_label)]
