@@ -1,4 +1,5 @@
-"""Evaluation datasets read from storage: caption WebDataset shards, class-per-folder image trees, IDX files.
+"""Evaluation datasets read from storage: caption WebDataset shards, image-path + caption tables,
+class-per-folder image trees, IDX files.
 
 The loaders return light "items" (`{"idx", "bytes"}` or `{"idx", "path", "stamp"}`) that the Ray Data
 embedding pipeline decodes in parallel; nothing is decoded here. `stamp` (size and modification
@@ -6,6 +7,7 @@ time) identifies a file's version for the embedding cache without reading it.
 """
 from __future__ import annotations
 
+import ast
 import io
 import json
 import posixpath
@@ -104,6 +106,95 @@ def load_retrieval_webdataset(shards: list[str]) -> tuple[list[dict], list[str],
 def _stamp(info: dict) -> str:
     keys = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "md5", "generation")
     return json.dumps({k: info[k] for k in keys if info.get(k) is not None}, sort_keys=True, default=str)
+
+
+# The stamp of an image the table names but storage lacks: the decode step counts and skips it.
+_MISSING_STAMP = json.dumps({"missing": True})
+
+
+def _caption_cell(cell, where: str) -> list[str]:
+    """The captions of one table cell: a string, a list of strings (parquet / JSON lists), or a string that
+    is a JSON or Python list literal such as `["a dog", "a brown dog"]`."""
+    value = cell
+    if isinstance(cell, str):
+        text = cell.strip()
+        value = text
+        if text.startswith("[") and text.endswith("]"):
+            for parse in (json.loads, ast.literal_eval):
+                try:
+                    parsed = parse(text)
+                except (ValueError, SyntaxError, MemoryError, RecursionError):
+                    continue
+                if isinstance(parsed, list) and all(isinstance(c, str) for c in parsed):
+                    value = parsed
+                break  # a list of something else, or not a list: the cell is one caption
+    if isinstance(value, (list, tuple)):
+        captions = [c.strip() if isinstance(c, str) else c for c in value]
+        if not captions or any(not isinstance(c, str) or not c for c in captions):
+            raise ValueError(f"{where}: caption list {cell!r} must hold non-empty strings")
+        return captions
+    if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
+        raise ValueError(f"{where}: empty caption")
+    return [str(value).strip()]
+
+
+def _image_url(cell, table_fs, table_dir: str, remote: bool, where: str) -> str:
+    """An image cell as a URL: absolute paths and URLs as given, other paths relative to the table's folder."""
+    if not isinstance(cell, str) or not cell.strip():
+        raise ValueError(f"{where}: empty image path")
+    path = cell.strip()
+    if "://" in path:
+        return path
+    joined = posixpath.normpath(posixpath.join(table_dir, path))
+    return table_fs.unstrip_protocol(joined) if remote and not path.startswith("/") else joined
+
+
+def _stamps(urls: list[str]) -> dict[str, str]:
+    """Size/modification stamps of image files, one listing per folder instead of one request per image."""
+    folders: dict[tuple[int, str], tuple[object, list[tuple[str, str]]]] = {}
+    for url in urls:
+        fs, path = url_to_fs(url)
+        folders.setdefault((id(fs), posixpath.dirname(path)), (fs, []))[1].append((url, path))
+    stamps: dict[str, str] = {}
+    for (_, folder), (fs, members) in folders.items():
+        try:
+            listing = {info["name"].rstrip("/"): info for info in fs.ls(folder, detail=True)}
+        except (FileNotFoundError, NotADirectoryError):
+            listing = {}
+        for url, path in members:
+            info = listing.get(path)
+            stamps[url] = _stamp(info) if info is not None and info.get("type") != "directory" else _MISSING_STAMP
+    return stamps
+
+
+def load_retrieval_table(table: str, image_column: str, caption_column: str,
+                         table_format: str = "auto") -> tuple[list[dict], list[str], list[int]]:
+    """Image items (`idx`, `path`, `stamp`), captions, and the image index of each caption, from a table.
+
+    Rows naming the same image are one image with several captions: images in order of first
+    appearance, each image's captions in row order (as a WebDataset sample's .txt lines are). A missing
+    or undecodable image file is left for the decode step to count and skip, as a corrupt sample is.
+    """
+    from clipforge.eval.table import read_table_rows
+
+    rows = read_table_rows(table, image_column, caption_column, table_format)
+    table_fs, table_path = url_to_fs(table)
+    remote = "://" in table
+    table_dir = posixpath.dirname(table_path)
+    captions_of: dict[str, list[str]] = {}
+    for row in rows:
+        where = f"{table}: {row.where}"
+        url = _image_url(row.image, table_fs, table_dir, remote, f"{where}, column `{image_column}`")
+        captions_of.setdefault(url, []).extend(_caption_cell(row.caption, f"{where}, column `{caption_column}`"))
+    stamps = _stamps(list(captions_of))
+    items: list[dict] = []
+    captions: list[str] = []
+    caption_image: list[int] = []
+    for idx, (url, lines) in enumerate(captions_of.items()):
+        items.append({"idx": idx, "path": url, "stamp": stamps[url]})
+        captions.extend(lines)
+        caption_image.extend([idx] * len(lines))
+    return items, captions, caption_image
 
 
 def load_image_folder(folder: str) -> tuple[list[dict], list[int], list[str]]:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from clipforge.models.spec import ModelSpec
+from clipforge.pipeline.remote_env import forwarded_env
 from clipforge.specbase import Scaling
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,10 @@ def embed_images(
     for row in rows:
         if row.get("path") is not None:
             row["path"] = _absolute(row["path"])
+    # Decode tasks read remote image files themselves: they need the driver's object-store settings, which a
+    # cluster started before they were exported does not have.
+    remote_paths = any("://" in row["path"] for row in rows if row.get("path") is not None)
+    env = forwarded_env(output_is_local=not remote_paths)
     # Enough blocks and small enough batches for every actor to get work even on small datasets;
     # one block would feed one actor.
     n_blocks = min(len(rows), max(scaling.workers * 4, -(-len(rows) // _ROWS_PER_BLOCK)))
@@ -170,6 +175,7 @@ def embed_images(
         batch_size=decode_batch,
         batch_format="numpy",
         num_cpus=_DECODE_CPUS,
+        **({"runtime_env": {"env_vars": env}} if env else {}),
     )
     ds = ds.map_batches(
         EmbedActor,

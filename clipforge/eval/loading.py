@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from clipforge.eval.datasets import load_image_folder, load_labelled_source, load_retrieval_webdataset
+from clipforge.eval.datasets import load_labelled_source, load_retrieval_table, load_retrieval_webdataset
 from clipforge.eval.fingerprint import digest_items
 from clipforge.eval.spec import FewShotTask, LinearProbeTask, RetrievalTask, ZeroShotTask
 from clipforge.eval.templates import get_templates
@@ -53,20 +53,43 @@ def _load_probe(task: LinearProbeTask | FewShotTask) -> LoadedTask:
     return LoadedTask(task, sets, classnames=names[0] or [], n_classes=n_classes)
 
 
+def load_retrieval(task: RetrievalTask) -> tuple[list[dict], list[str], list[int]]:
+    """Image items, captions and each caption's image index, from the task's shards or table."""
+    if task.shards is not None:
+        return load_retrieval_webdataset(task.shards)
+    return load_retrieval_table(task.table, task.image_column, task.caption_column, task.table_format)
+
+
+def load_zeroshot(task: ZeroShotTask) -> tuple[list[dict], list[int], list[str]]:
+    """Image items, labels and the class names prompts are built from, from the task's folder or IDX files."""
+    source = task.labelled_source()
+    items, labels, folder_names = load_labelled_source(source)
+    if folder_names is None:
+        # IDX labels are class indices into the given classnames (the spec requires them for IDX files).
+        if not labels:
+            raise ValueError(f"{source.images} holds no images")
+        top = max(labels)
+        if top >= len(task.classnames):
+            raise ValueError(f"{source.labels} holds label {top} but only {len(task.classnames)} classnames are "
+                             f"given (labels 0..{len(task.classnames) - 1})")
+        return items, labels, task.classnames
+    classnames = task.classnames or folder_names
+    if len(classnames) != len(folder_names):
+        raise ValueError(
+            f"{len(classnames)} classnames given but {source.path} has "
+            f"{len(folder_names)} class folders ({', '.join(folder_names)})"
+        )
+    return items, labels, classnames
+
+
 def load_task(task) -> LoadedTask:
     """The task's images (and captions, prompts or labels), errors naming the task and the bad input."""
     try:
         if isinstance(task, RetrievalTask):
-            items, captions, caption_image = load_retrieval_webdataset(task.shards)
+            items, captions, caption_image = load_retrieval(task)
             return LoadedTask(task, [ImageSet(task.dataset, items)], captions=captions, caption_image=caption_image)
         if isinstance(task, ZeroShotTask):
-            items, labels, folder_names = load_image_folder(task.image_folder)
-            classnames = task.classnames or folder_names
-            if len(classnames) != len(folder_names):
-                raise ValueError(
-                    f"{len(classnames)} classnames given but {task.image_folder} has "
-                    f"{len(folder_names)} class folders ({', '.join(folder_names)})"
-                )
+            items, labels, classnames = load_zeroshot(task)
             return LoadedTask(task, [ImageSet(task.dataset, items, labels)], classnames=classnames,
                               templates=get_templates(task.templates), n_classes=len(classnames))
         return _load_probe(task)

@@ -1,6 +1,7 @@
 """Typed spec of an evaluation job (`kind: eval`)."""
 from __future__ import annotations
 
+import os
 import posixpath
 from typing import Annotated, Literal, Union
 
@@ -8,44 +9,6 @@ from pydantic import Field, field_validator, model_validator
 
 from clipforge.models.spec import ModelSpec
 from clipforge.specbase import RayInit, Scaling, Spec
-
-
-class RetrievalTask(Spec):
-    task: Literal["retrieval"]
-    dataset: str = Field(..., description="Dataset name used in results.")
-    shards: list[str] = Field(
-        ..., min_length=1, description="WebDataset shards (files, folders, globs): an image and a .txt whose "
-        "non-empty lines are that image's captions."
-    )
-    recall_k: list[int] = Field(
-        default_factory=lambda: [1, 5, 10], min_length=1, description="K values for Recall@K."
-    )
-
-    @field_validator("recall_k")
-    @classmethod
-    def _positive_distinct_k(cls, ks: list[int]) -> list[int]:
-        if any(k < 1 for k in ks):
-            raise ValueError(f"every k must be >= 1, got {ks}")
-        if len(set(ks)) != len(ks):
-            raise ValueError(f"k values must be distinct, got {ks}")
-        return ks
-
-
-class ZeroShotTask(Spec):
-    task: Literal["zeroshot_classification"]
-    dataset: str = Field(..., description="Dataset name used in results.")
-    image_folder: str = Field(..., description="Folder with one sub-folder of images per class (sorted = class index).")
-    classnames: list[str] | None = Field(
-        None, description="Class names used in prompts, in sorted sub-folder order (default: the folder names)."
-    )
-    templates: list[str] | str = Field(
-        "openai_imagenet",
-        description="Prompt templates with `{c}`, or the name of a built-in template set.",
-    )
-
-
-# Tasks that need only embeddings and the eval metrics: the training loop's periodic evaluation runs these too.
-EvalTask = Annotated[Union[RetrievalTask, ZeroShotTask], Field(discriminator="task")]
 
 
 class ImageFolderSource(Spec):
@@ -72,6 +35,135 @@ class IdxSource(Spec):
 ImageSource = Annotated[Union[ImageFolderSource, IdxSource], Field(discriminator="kind")]
 
 
+def infer_source_kind(value):
+    """`kind` of an image source may be left out where the fields say it: `path` is an image folder, `images`
+    IDX files."""
+    if isinstance(value, dict) and "kind" not in value:
+        if "images" in value:
+            return {"kind": "idx", **value}
+        if "path" in value:
+            return {"kind": "image_folder", **value}
+    return value
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _source_absolute(source: "ImageFolderSource | IdxSource") -> "ImageFolderSource | IdxSource":
+    if isinstance(source, IdxSource):
+        return source.model_copy(update={"images": _absolute(source.images), "labels": _absolute(source.labels)})
+    return source.model_copy(update={"path": _absolute(source.path)})
+
+
+# The column names OpenCLIP's csv training data uses (--csv-img-key / --csv-caption-key defaults).
+DEFAULT_IMAGE_COLUMN = "filepath"
+DEFAULT_CAPTION_COLUMN = "title"
+
+
+class RetrievalTask(Spec):
+    task: Literal["retrieval"]
+    dataset: str = Field(..., description="Dataset name used in results.")
+    shards: list[str] | None = Field(
+        None, min_length=1, description="WebDataset shards (files, folders, globs): an image and a .txt whose "
+        "non-empty lines are that image's captions. Give this or `table`."
+    )
+    table: str | None = Field(
+        None, min_length=1, description="A csv, tsv, parquet or jsonl table (local or fsspec; .gz etc. allowed for text) with "
+        "an image path and a caption per row: rows naming the same image give it several captions, and a caption "
+        "cell may hold a list (`[\"a dog\", \"a brown dog\"]`). Relative image paths are relative to the "
+        "table's folder. Give this or `shards`."
+    )
+    image_column: str = Field(DEFAULT_IMAGE_COLUMN, min_length=1, description="`table`'s image path column.")
+    caption_column: str = Field(DEFAULT_CAPTION_COLUMN, min_length=1, description="`table`'s caption column.")
+    table_format: Literal["auto", "csv", "tsv", "parquet", "jsonl"] = Field(
+        "auto", description="Format of `table`; `auto` tells it from the file extension."
+    )
+    recall_k: list[int] = Field(
+        default_factory=lambda: [1, 5, 10], min_length=1, description="K values for Recall@K."
+    )
+
+    @field_validator("recall_k")
+    @classmethod
+    def _positive_distinct_k(cls, ks: list[int]) -> list[int]:
+        if any(k < 1 for k in ks):
+            raise ValueError(f"every k must be >= 1, got {ks}")
+        if len(set(ks)) != len(ks):
+            raise ValueError(f"k values must be distinct, got {ks}")
+        return ks
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RetrievalTask":
+        if (self.shards is None) == (self.table is None):
+            raise ValueError("give exactly one of `shards` (WebDataset shards) and `table` (a csv/tsv/parquet/jsonl "
+                             f"table of image path + caption), not {'neither' if self.shards is None else 'both'}")
+        if self.shards is not None:
+            # Compared with the defaults, not with the fields set: a dumped spec (sent to workers) sets them all.
+            table_only = sorted(f for f in ("image_column", "caption_column", "table_format")
+                                if getattr(self, f) != type(self).model_fields[f].default)
+            if table_only:
+                verb = "applies" if len(table_only) == 1 else "apply"
+                raise ValueError(f"{', '.join(table_only)} {verb} to `table` only, not to `shards`")
+        return self
+
+    def with_absolute_paths(self) -> "RetrievalTask":
+        """The task with local paths made absolute (for processes that run in another directory)."""
+        if self.shards is not None:
+            return self.model_copy(update={"shards": [_absolute(s) for s in self.shards]})
+        return self.model_copy(update={"table": _absolute(self.table)})
+
+
+class ZeroShotTask(Spec):
+    task: Literal["zeroshot_classification"]
+    dataset: str = Field(..., description="Dataset name used in results.")
+    image_folder: str | None = Field(
+        None, description="Folder with one sub-folder of images per class (sorted = class index). Give this or "
+        "`source`."
+    )
+    source: ImageSource | None = Field(
+        None, description="Labelled images as the probes take them: an image folder (`path`) or IDX files "
+        "(`images`, `labels`), with optional `max_per_class`. Give this or `image_folder`."
+    )
+    classnames: list[str] | None = Field(
+        None, description="Class names used in prompts, in sorted sub-folder order (default: the folder names); "
+        "required for IDX files, in label order."
+    )
+    templates: list[str] | str = Field(
+        "openai_imagenet",
+        description="Prompt templates with `{c}`, or the name of a built-in template set.",
+    )
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _infer_source_kind(cls, value):
+        return infer_source_kind(value)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ZeroShotTask":
+        if (self.image_folder is None) == (self.source is None):
+            raise ValueError("give exactly one of `image_folder` and `source` (an image folder or IDX files), not "
+                             f"{'neither' if self.source is None else 'both'}")
+        if isinstance(self.source, IdxSource) and not self.classnames:
+            raise ValueError("IDX files carry no class names: give `classnames`, one per label (label 0 first)")
+        return self
+
+    def labelled_source(self) -> ImageFolderSource | IdxSource:
+        """The task's images as a source, whichever of `image_folder` and `source` names them."""
+        if self.source is not None:
+            return self.source
+        return ImageFolderSource(kind="image_folder", path=self.image_folder)
+
+    def with_absolute_paths(self) -> "ZeroShotTask":
+        """The task with local paths made absolute (for processes that run in another directory)."""
+        if self.source is not None:
+            return self.model_copy(update={"source": _source_absolute(self.source)})
+        return self.model_copy(update={"image_folder": _absolute(self.image_folder)})
+
+
+# Tasks that need only embeddings and the eval metrics: the training loop's periodic evaluation runs these too.
+EvalTask = Annotated[Union[RetrievalTask, ZeroShotTask], Field(discriminator="task")]
+
+
 def _default_weight_decays() -> list[float]:
     # Half-decade steps from 1e-6 to 10: a log-spaced sweep over the L2 strength of the probe.
     return [10.0 ** (e / 2) for e in range(-12, 3)]
@@ -93,13 +185,7 @@ class _ProbeTask(Spec):
     @field_validator("train", "test", mode="before")
     @classmethod
     def _infer_source_kind(cls, value):
-        # `kind` may be left out where the fields say it: `path` is an image folder, `images` IDX files.
-        if isinstance(value, dict) and "kind" not in value:
-            if "images" in value:
-                return {"kind": "idx", **value}
-            if "path" in value:
-                return {"kind": "image_folder", **value}
-        return value
+        return infer_source_kind(value)
 
     @field_validator("weight_decays")
     @classmethod
