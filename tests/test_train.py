@@ -10,14 +10,17 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import picture, write_shards  # noqa: E402
 
 from clipforge.models import ModelSpec, create_model, head_parameter_names, load_model_state
 from clipforge.models.checkpoint import load_optimizer_state
@@ -30,44 +33,7 @@ from clipforge.train.shards import SampleKeys, ShardError, count_samples, expand
 from clipforge.train.sources import NotEnoughData
 from clipforge.train.spec import TrainSpec
 
-COLOURS = {
-    "red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 40),
-    "purple": (130, 30, 150), "orange": (250, 140, 20), "white": (250, 250, 250), "black": (10, 10, 10),
-}
-SHAPES = ["square", "stripe", "dot"]
 KEYS = SampleKeys.parse("jpg;png;webp", "txt")
-
-
-def _image(i: int) -> tuple[bytes, str]:
-    """A small picture whose caption says what it shows (colour and shape vary with i)."""
-    name = list(COLOURS)[i % len(COLOURS)]
-    shape = SHAPES[(i // len(COLOURS)) % len(SHAPES)]
-    im = Image.new("RGB", (40, 40), (128, 128, 128))
-    px = im.load()
-    for y in range(40):
-        for x in range(40):
-            inside = {"square": 8 <= x < 32 and 8 <= y < 32, "stripe": 15 <= y < 25,
-                      "dot": (x - 20) ** 2 + (y - 20) ** 2 < 100}[shape]
-            if inside:
-                px[x, y] = COLOURS[name]
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue(), f"a {name} {shape}"
-
-
-def write_shards(folder: Path, sizes: list[int], corrupt: set[int] = frozenset()) -> list[Path]:
-    """Shards of consecutively numbered samples; samples in `corrupt` get bytes that are not an image."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths, i = [], 0
-    for s, n in enumerate(sizes):
-        path = folder / f"part-{s:05d}.tar"
-        with wds.TarWriter(str(path)) as w:
-            for _ in range(n):
-                png, caption = _image(i)
-                w.write({"__key__": f"{i:06d}", "png": b"not an image" if i in corrupt else png, "txt": caption})
-                i += 1
-        paths.append(path)
-    return paths
 
 
 def _spec(tmp_path: Path, name: str, shards: list[str], **over) -> TrainSpec:
@@ -111,7 +77,7 @@ def test_counts_and_reading_skip_incomplete_and_broken_tars(tmp_path):
     (shard,) = write_shards(tmp_path, [5])
     # A sample without caption and a member without extension are not samples.
     with tarfile.open(shard, "a") as tar:
-        for name, data in (("000099.png", _image(0)[0]), ("README", b"x")):
+        for name, data in (("000099.png", picture(0)[0]), ("README", b"x")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -257,7 +223,7 @@ def test_full_model_training_checkpoints_and_resume(tmp_path, ray_local):
     lines = _metrics(run)
     assert [m["step"] for m in lines] == list(range(1, 9))
     keys = {"step", "epoch", "loss", "lr", "logit_scale", "samples_per_second", "step_time", "time", "samples_seen"}
-    assert all(set(m) == keys for m in lines)
+    assert all(keys <= set(m) for m in lines)
     assert [m["epoch"] for m in lines] == [1] * 4 + [2] * 4
     assert lines[0]["lr"] == pytest.approx(spec.optim.lr / 2)
     assert lines[-1]["samples_seen"] == 64 and lines[-1]["loss"] == pytest.approx(summary["final_loss"])

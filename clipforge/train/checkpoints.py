@@ -1,18 +1,27 @@
-"""Training checkpoints in STORAGE/checkpoints/epoch_NNNN: saving, pruning, and what resuming needs.
+"""Training checkpoints in STORAGE/checkpoints: when they are named what, pruning, checking, resuming.
 
-The format itself (files, meta.json written last) belongs to `clipforge.models.checkpoint`; this
-module decides when and where to write, which ones to keep, and how a run picks up again.
+A checkpoint written at an epoch boundary is `epoch_NNNN` (NNNN epochs done); one written part-way
+through an epoch (`checkpoint.every_steps`, or a step budget ending mid-epoch) is `step_NNNNNNNN`.
+The format itself (files, meta.json written last) belongs to `clipforge.models.checkpoint`; meta.json
+here also holds the step counters, the data position, the spec and the last metrics line.
 """
 from __future__ import annotations
 
 import logging
+import re
 import time
+import zipfile
 
 import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from clipforge.models.checkpoint import (
+    EXTRA_FILE,
     META_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    CheckpointError,
     find_latest_checkpoint,
     load_extra,
     load_meta,
@@ -24,7 +33,9 @@ from clipforge.train.storage import join
 
 log = logging.getLogger(__name__)
 
-PREFIX = "epoch_"
+EPOCH_PREFIX = "epoch_"
+STEP_PREFIX = "step_"
+PREFIXES = (EPOCH_PREFIX, STEP_PREFIX)
 
 
 class ExistingRunError(ValueError):
@@ -35,16 +46,103 @@ def checkpoint_root(spec: TrainSpec) -> str:
     return join(spec.storage, "checkpoints")
 
 
+def checkpoint_name(epoch: int, step: int, step_in_epoch: int) -> str:
+    """`epoch_NNNN` at an epoch boundary, else `step_NNNNNNNN`."""
+    return f"{EPOCH_PREFIX}{epoch:04d}" if step_in_epoch == 0 else f"{STEP_PREFIX}{step:08d}"
+
+
 def latest(ckpt_root: str) -> str | None:
     """The newest complete checkpoint (with meta.json) under `ckpt_root`; incomplete directories are ignored."""
     fs, root = fsspec.core.url_to_fs(ckpt_root)
+    fs.invalidate_cache()
     if not fs.isdir(root):
         return None
     return find_latest_checkpoint(ckpt_root)
 
 
+def _zip_problem(fs, path: str) -> str | None:
+    """Why a torch.save file cannot be whole (None when its zip directory is intact and within the file).
+
+    A file cut short loses the zip directory at its end, so this catches truncation by reading only
+    the file's tail, not its data.
+    """
+    try:
+        size = fs.size(path)
+        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+            for info in zf.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return f"member {info.filename} extends past the end of the file"
+    except FileNotFoundError:
+        return "missing"
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        return f"not a complete torch file ({type(e).__name__}: {e})"
+    return None
+
+
+def verify(path: str) -> str | None:
+    """What is wrong with the checkpoint at `path` (None if its meta.json parses and its files are whole)."""
+    fs, root = fsspec.core.url_to_fs(path)
+    root = root.rstrip("/")
+    try:
+        load_meta(path)
+    except CheckpointError as e:
+        return str(e)
+    for name in (MODEL_FILE, OPTIMIZER_FILE, EXTRA_FILE):
+        file = f"{root}/{name}"
+        if name != MODEL_FILE and not fs.exists(file):
+            continue  # optional files
+        problem = _zip_problem(fs, file)
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def complete(ckpt_root: str) -> list[tuple[int, str]]:
+    """(step, path) of the checkpoints with a meta.json under `ckpt_root`, oldest first.
+
+    Order: the step in meta.json, then the directory name (natural order).
+    """
+    fs, root = fsspec.core.url_to_fs(ckpt_root)
+    fs.invalidate_cache()
+    if not fs.isdir(root):
+        return []
+    found = []
+    for entry in fs.ls(root, detail=True):
+        path = entry["name"].rstrip("/")
+        name = path.rsplit("/", 1)[-1]
+        if entry.get("type") != "directory" or not name.startswith(PREFIXES):
+            continue
+        if not fs.exists(f"{path}/{META_FILE}"):
+            continue
+        try:
+            step = load_meta(_url(fs, path)).get("step")
+        except CheckpointError:
+            step = None
+        found.append((step if isinstance(step, int) else -1, _natural_key(name), _url(fs, path)))
+    return [(step, path) for step, _, path in sorted(found)]
+
+
+def _url(fs, path: str) -> str:
+    """A path that can be passed back in: plain for local files, with its protocol otherwise."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def _natural_key(name: str) -> list:
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+
+
+def latest_valid(ckpt_root: str) -> str | None:
+    """The newest checkpoint whose files are whole; damaged newer ones are skipped with a warning."""
+    for _, path in reversed(complete(ckpt_root)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is damaged (%s); trying the one before it", path, problem)
+    return None
+
+
 def resume_point(spec: TrainSpec) -> str | None:
-    return latest(checkpoint_root(spec)) if spec.resume else None
+    return latest_valid(checkpoint_root(spec)) if spec.resume else None
 
 
 def refuse_existing(spec: TrainSpec) -> None:
@@ -60,8 +158,12 @@ def refuse_existing(spec: TrainSpec) -> None:
 
 
 def save(spec: TrainSpec, model: torch.nn.Module, model_name: str, optimizer: torch.optim.Optimizer,
-         schedule, progress) -> str:
-    """Write the unwrapped model (all weights, frozen towers included) plus what resuming needs; prune old ones."""
+         schedule, progress, extra_meta: dict | None = None, scaler=None) -> str:
+    """Write the unwrapped model (all weights, frozen towers included) plus what resuming needs; prune old ones.
+
+    `extra_meta` (JSON data: data position, metrics, counters) is merged into meta.json; `scaler` is a
+    gradient scaler (anything with state_dict) whose state is saved beside the scheduler's.
+    """
     meta = {
         "step": progress.step,
         "epoch": progress.epoch,
@@ -71,55 +173,47 @@ def save(spec: TrainSpec, model: torch.nn.Module, model_name: str, optimizer: to
         "trainable": spec.model.model_dump(mode="json")["trainable"],
         "time": time.time(),
         "spec": spec.model_dump(mode="json"),
+        **(extra_meta or {}),
     }
-    directory = join(checkpoint_root(spec), f"{PREFIX}{progress.epoch:04d}")
-    path = save_checkpoint(
-        directory,
-        model.state_dict(),
-        meta,
-        optimizer_state=optimizer.state_dict(),
-        extra={"scheduler": schedule.state_dict()},
-    )
+    extra = {"scheduler": schedule.state_dict()}
+    if scaler is not None:
+        extra["grad_scaler"] = scaler.state_dict()
+    name = checkpoint_name(progress.epoch, progress.step, meta.get("step_in_epoch", 0))
+    path = save_checkpoint(join(checkpoint_root(spec), name), model.state_dict(), meta,
+                           optimizer_state=optimizer.state_dict(), extra=extra)
     prune(checkpoint_root(spec), spec.checkpoint.keep_last)
     log.info("saved checkpoint %s", path)
     return path
 
 
-def _complete(ckpt_root: str) -> list[tuple[int, str]]:
-    """(epoch, path) of the complete epoch checkpoints, oldest first."""
-    fs, root = fsspec.core.url_to_fs(ckpt_root)
-    found = []
-    for entry in fs.ls(root, detail=True):
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if entry.get("type") != "directory" or not name.startswith(PREFIX) or not name[len(PREFIX):].isdigit():
-            continue
-        if fs.exists(f"{entry['name'].rstrip('/')}/{META_FILE}"):
-            found.append((int(name[len(PREFIX):]), entry["name"].rstrip("/")))
-    return sorted(found)
-
-
 def prune(ckpt_root: str, keep_last: int) -> list[str]:
-    """Delete all but the newest `keep_last` complete checkpoints; returns what was deleted.
+    """Keep the newest `keep_last` whole checkpoints; delete older ones, and damaged ones older than the newest
+    whole one (they can never be resumed from). Returns what was deleted.
 
     Directories without meta.json are left alone: they are not checkpoints, and may be in use.
     """
     fs, _ = fsspec.core.url_to_fs(ckpt_root)
-    complete = _complete(ckpt_root)
-    doomed = [path for _, path in complete[:-keep_last]] if len(complete) > keep_last else []
+    found = [(path, verify(path) is None) for _, path in complete(ckpt_root)]
+    whole = [path for path, ok in found if ok]
+    kept = set(whole[-keep_last:])
+    newest_whole = max((i for i, (_, ok) in enumerate(found) if ok), default=-1)
+    doomed = [path for i, (path, ok) in enumerate(found) if path not in kept and (ok or i < newest_whole)]
     for path in doomed:
+        _, p = fsspec.core.url_to_fs(path)
         # meta.json first, so a deletion cut short leaves an incomplete directory, never a broken "complete" one.
-        fs.rm(f"{path}/{META_FILE}")
-        fs.rm(path, recursive=True)
+        fs.rm(f"{p}/{META_FILE}")
+        fs.rm(p, recursive=True)
     return doomed
 
 
 def resume_state(path: str) -> dict:
-    """meta.json of the checkpoint, for the step/epoch/sample counters."""
+    """meta.json of the checkpoint, for the step/epoch/sample counters and the data position."""
     return load_meta(path)
 
 
-def restore_training_state(path: str, optimizer: torch.optim.Optimizer, schedule) -> None:
-    """Optimizer moments and the schedule position; the optimizer must be built over the same parameters."""
+def restore_training_state(path: str, optimizer: torch.optim.Optimizer, schedule, scaler=None) -> None:
+    """Optimizer moments, the schedule position and the gradient scaler; the optimizer must be built over the
+    same parameters in the same order."""
     opt_state = load_optimizer_state(path)
     if opt_state is None:
         log.warning("checkpoint %s has no optimizer state; resuming with fresh AdamW moments", path)
@@ -130,3 +224,5 @@ def restore_training_state(path: str, optimizer: torch.optim.Optimizer, schedule
         schedule.load_state_dict(extra["scheduler"])
     else:
         schedule.load_state_dict({"step": load_meta(path).get("step", 0)})
+    if scaler is not None and "grad_scaler" in extra:
+        scaler.load_state_dict(extra["grad_scaler"])

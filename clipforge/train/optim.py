@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -14,21 +15,28 @@ def _decays(name: str, param: nn.Parameter) -> bool:
     return param.ndim >= 2 and "logit_scale" not in name
 
 
-def build_optimizer(module: nn.Module, spec: OptimSpec) -> torch.optim.AdamW:
-    """AdamW over the parameters that require grad: weight decay on >=2-D weights, none elsewhere."""
+def build_optimizer(module: nn.Module, spec: OptimSpec, names: Iterable[str] | None = None) -> torch.optim.Optimizer:
+    """AdamW over `names` (default: the parameters that require grad), in the module's parameter order.
+
+    Weight decay applies to >=2-D weights only. A staged fine-tuning schedule passes every parameter that
+    trains in some stage: parameters frozen in the current stage have no gradient, and AdamW leaves a
+    parameter without gradient untouched (weight decay included), so one optimizer serves all stages.
+    `spec.state_dtype: bf16` keeps the moments in bfloat16 (AdamWBF16State).
+    """
+    wanted = None if names is None else set(names)
     decay, no_decay = [], []
     for name, p in module.named_parameters():
-        if p.requires_grad:
+        if (p.requires_grad if wanted is None else name in wanted):
             (decay if _decays(name, p) else no_decay).append(p)
     if not decay and not no_decay:
         raise ValueError("nothing to train: no parameter requires grad (check model.trainable)")
-    groups = [
-        {"params": decay, "weight_decay": spec.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps
-    )
+    groups = [g for g in ({"params": decay, "weight_decay": spec.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if spec.state_dtype == "bf16":
+        from clipforge.models.optim import AdamWBF16State
+
+        return AdamWBF16State(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
 
 
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:

@@ -1,8 +1,12 @@
 """`kind: train` on Ray Train: one TorchTrainer fit, our own files in the run directory.
 
-The run directory (`spec.storage`) receives spec.yaml (at start), metrics.jsonl, checkpoints/ and
-summary.json (at the end). Ray's own experiment state goes to STORAGE/ray for local runs and to a
-temporary folder otherwise; nothing there is needed after the run.
+The run directory (`spec.storage`) receives spec.yaml (at start), metrics.jsonl, checkpoints/,
+tensorboard/, workers/ (which process is which rank) and summary.json (at the end). Ray's own
+experiment state goes to STORAGE/ray for local runs and to a temporary folder otherwise; nothing
+there is needed after the run.
+
+When a worker dies, Ray Train restarts the whole worker group (up to `max_failures` times) and the
+loop resumes from the latest checkpoint in STORAGE/checkpoints: our checkpoints, not Ray's.
 """
 from __future__ import annotations
 
@@ -14,9 +18,11 @@ import time
 
 from clipforge.cluster.ray_runtime import ray_session
 from clipforge.cluster.specs import dump_spec
+from clipforge.pipeline.remote_env import FORWARDED_VARIABLES
 from clipforge.train.checkpoints import refuse_existing
 from clipforge.train.loop import train_loop_per_worker
-from clipforge.train.shards import expand_shards
+from clipforge.train.progress import MetricsProgress
+from clipforge.train.shards import expand_sources
 from clipforge.train.spec import TrainSpec
 from clipforge.train.storage import is_local, join, read_json, write_json, write_text
 
@@ -62,20 +68,38 @@ def with_absolute_paths(spec: TrainSpec) -> TrainSpec:
     model = spec.model
     if model.checkpoint:
         model = model.model_copy(update={"checkpoint": _absolute(model.checkpoint)})
-    data = spec.data.model_copy(update={"shards": [_absolute(s) for s in spec.data.shards]})
-    return spec.model_copy(update={"storage": _absolute(spec.storage), "model": model, "data": data})
+    data = spec.data
+    if data.shards is not None:
+        data = data.model_copy(update={"shards": [_absolute(s) for s in data.shards]})
+    else:
+        sources = [s.model_copy(update={"shards": [_absolute(p) for p in s.shards]}) for s in data.sources]
+        data = data.model_copy(update={"sources": sources})
+    tasks = [task.with_absolute_paths() for task in spec.eval_tasks]
+    return spec.model_copy(update={"storage": _absolute(spec.storage), "model": model, "data": data,
+                                   "eval_tasks": tasks})
 
 
-def run_train(spec: TrainSpec) -> dict:
-    """Train as `spec` says; returns the run summary, also written to STORAGE/summary.json."""
+def worker_env(spec: TrainSpec) -> dict[str, str]:
+    """Environment for the training workers: the job's runtime_env variables and the driver's object-store
+    settings (a cluster started earlier does not have them)."""
+    env = {name: os.environ[name] for name in FORWARDED_VARIABLES if os.environ.get(name)}
+    env.update({k: str(v) for k, v in (spec.ray.runtime_env.get("env_vars") or {}).items()})
+    return env
+
+
+def run_train(spec: TrainSpec, progress: bool = True) -> dict:
+    """Train as `spec` says; returns the run summary, also written to STORAGE/summary.json.
+
+    `progress`: show a progress bar on stdout while training (only when stdout is a terminal).
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t0 = time.time()
     spec = with_absolute_paths(spec)
     refuse_existing(spec)
-    # Fail before any worker starts when the shard list names nothing (workers expand it again themselves).
-    expand_shards(spec.data.shards)
+    # Fail before any worker starts when a shard list names nothing (workers expand them again themselves).
+    expand_sources(spec.data)
     write_text(join(spec.storage, "spec.yaml"), dump_spec(spec))
     with contextlib.ExitStack() as stack:
         if is_local(spec.storage):
@@ -88,10 +112,16 @@ def run_train(spec: TrainSpec) -> dict:
             train_loop_config={"spec": spec.model_dump(mode="json")},
             torch_config=TorchConfig(backend="nccl" if spec.scaling.gpus_per_worker > 0 else "gloo"),
             scaling_config=_scaling_config(spec),
-            run_config=ray.train.RunConfig(name=spec.name, storage_path=ray_storage),
+            run_config=ray.train.RunConfig(
+                name=spec.name,
+                storage_path=ray_storage,
+                failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+                worker_runtime_env={"env_vars": worker_env(spec)},
+            ),
         )
         try:
-            trainer.fit()
+            with MetricsProgress(spec.storage, spec.name) if progress else contextlib.nullcontext():
+                trainer.fit()
         except Exception as e:  # noqa: BLE001 - re-raised with the worker's own message
             cause = _root_cause(e)
             raise TrainingFailed(f"training `{spec.name}` failed: {type(cause).__name__}: {cause}") from e

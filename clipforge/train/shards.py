@@ -22,10 +22,11 @@ class ShardError(ValueError):
     """A shard list entry that names nothing readable."""
 
 
-def expand_shards(patterns: list[str]) -> list[str]:
+def expand_shards(patterns: list[str], where: str = "data.shards") -> list[str]:
     """Files, folders (their `*.tar`) and globs -> sorted, de-duplicated shard URLs.
 
-    The result keeps each entry's protocol so that the URLs can be opened on any worker.
+    The result keeps each entry's protocol so that the URLs can be opened on any worker; `where`
+    names the spec field in error messages.
     """
     urls: list[str] = []
     for pattern in patterns:
@@ -33,18 +34,30 @@ def expand_shards(patterns: list[str]) -> list[str]:
         if any(c in path for c in _GLOB_CHARS):
             found = [p for p in fs.glob(path) if not fs.isdir(p)]
             if not found:
-                raise ShardError(f"data.shards: glob `{pattern}` matches no files")
+                raise ShardError(f"{where}: glob `{pattern}` matches no files")
         elif fs.isdir(path):
             found = fs.glob(path.rstrip("/") + "/*.tar")
             if not found:
-                raise ShardError(f"data.shards: folder `{pattern}` holds no *.tar shards")
+                raise ShardError(f"{where}: folder `{pattern}` holds no *.tar shards")
         elif fs.exists(path):
             found = [path]
         else:
-            raise ShardError(f"data.shards: `{pattern}` does not exist")
+            raise ShardError(f"{where}: `{pattern}` does not exist")
         urls.extend(fs.unstrip_protocol(p) if _has_protocol(pattern) else p for p in sorted(found))
     seen: set[str] = set()
     return [u for u in urls if not (u in seen or seen.add(u))]
+
+
+def source_field(index: int | None) -> str:
+    """The spec field that lists a source's shards, for error messages."""
+    return "data.shards" if index is None else f"data.sources[{index}].shards"
+
+
+def expand_sources(data) -> list[list[str]]:
+    """The shard URLs of each source of a `TrainDataSpec` (`data.shards` is one source)."""
+    if data.sources is None:
+        return [expand_shards(data.shards, source_field(None))]
+    return [expand_shards(src.shards, source_field(i)) for i, src in enumerate(data.sources)]
 
 
 def _has_protocol(url: str) -> bool:
@@ -115,12 +128,29 @@ def _iter_groups(url: str, stats: ReadStats) -> Iterator[tuple[str, dict[str, by
                     key, group = k, {}
                 data = tar.extractfile(member)
                 group[ext] = data.read() if data is not None else b""
+            cut_short = _ends_without_marker(f, tar)
     except (tarfile.TarError, OSError, EOFError) as e:
         log.warning("shard %s is broken after key %s (%s); skipping its remaining samples", url, key, e)
         stats.broken_shards.append(url)
         return
     if key is not None:
         yield key, group
+    if cut_short:
+        log.warning("shard %s ends after key %s without the end-of-archive marker: it was cut short", url, key)
+        stats.broken_shards.append(url)
+
+
+def _ends_without_marker(f, tar: tarfile.TarFile) -> bool:
+    """Whether an uncompressed tar stopped at a cut, not at its end-of-archive block of zeros.
+
+    tarfile ends a stream silently when a header after the first is missing or cut, so a shard cut
+    at a header boundary would otherwise look complete. Compressed streams cannot be checked this way.
+    """
+    if getattr(tar.fileobj, "comptype", "tar") != "tar":
+        return False
+    f.seek(tar.offset)
+    block = f.read(tarfile.BLOCKSIZE)
+    return len(block) < tarfile.BLOCKSIZE or block.count(tarfile.NUL) != tarfile.BLOCKSIZE
 
 
 def iter_raw_samples(url: str, keys: SampleKeys, stats: ReadStats | None = None) -> Iterator[RawSample]:
