@@ -58,7 +58,7 @@ def run(spec: Path = typer.Argument(..., help="Spec YAML file."),
 
 
 @app.command()
-def schema(kind: str = typer.Argument(..., help="build | train | eval")) -> None:
+def schema(kind: str = typer.Argument(..., help="build | train | eval | sweep")) -> None:
     """Print the JSON Schema of a spec kind."""
     from clipforge.cluster.specs import KINDS
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray per test session, real demo data cached under data/."""
+"""Shared fixtures: one local Ray per test session, a private Ray head for job submission, real demo data
+cached under data/."""
 from __future__ import annotations
 
 import os
@@ -37,3 +38,13 @@ def moto_endpoint():
     proc, endpoint = start_moto()
     yield endpoint
     stop(proc)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A private Ray head (dashboard + job server) on 127.0.0.1 for the tests of one module that submit jobs
+    (stopped after the module, so it holds no memory while the rest of the suite runs); yields its dashboard URL
+    (see ray_cluster.py)."""
+    from ray_cluster import running_head
+
+    yield from running_head()

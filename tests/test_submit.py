@@ -1,30 +1,29 @@
-"""`clipforge submit` and `clipforge jobs ...` against a real Ray head started here on 127.0.0.1.
+"""`clipforge submit` and `clipforge jobs ...` against a real Ray head on 127.0.0.1 (conftest's `ray_head`,
+see ray_cluster.py).
 
-The head runs in its own session and temp dir with its own ports, so other Ray instances on the machine
-are neither reached nor stopped; teardown kills exactly the processes of that session and temp dir.
-The jobs are real `kind: build` runs downloading from a loopback HTTP server started here.
+The jobs are real: `kind: build` runs downloading from a loopback HTTP server started here, and a tiny
+`kind: train` run on shards written here.
 """
 from __future__ import annotations
 
 import io
-import os
-import signal
 import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
-from clipforge.cluster.specs import load_spec
-from clipforge.cluster.submit import (
+sys.path.insert(0, str(Path(__file__).parent))
+from ray_cluster import CLIENT_ENV, JOB_TIMEOUT_S, cli, free_port  # noqa: E402
+
+from clipforge.cluster.specs import load_spec  # noqa: E402
+from clipforge.cluster.submit import (  # noqa: E402
     JOB_DIR,
     ClusterError,
     connect,
@@ -32,31 +31,6 @@ from clipforge.cluster.submit import (
     resolve_address,
     staged_job,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-CLIENT_ENV = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-HEAD_START_TIMEOUT_S = 180
-JOB_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli(*args: str, env: dict | None = None, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run the real command line in a fresh process (the main `clipforge` app once the cluster commands are
-    registered there, else the same commands on their own app)."""
-    from typer.main import get_command
-
-    from clipforge.cli import app
-
-    wired = "submit" in getattr(get_command(app), "commands", {})
-    module = "clipforge" if wired else "clipforge.cluster.cli_cluster"
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          timeout=timeout, env=env or CLIENT_ENV, cwd=REPO)
 
 
 # ---------------------------------------------------------------- no cluster needed
@@ -162,7 +136,7 @@ def _assert_one_error_line(r: subprocess.CompletedProcess, *needles: str) -> Non
 
 def test_unreachable_cluster_is_one_clear_error(tmp_path):
     spec = write_build(tmp_path / "b.yaml")
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     r = cli("submit", str(spec), "--address", f"http://127.0.0.1:{port}")
     _assert_one_error_line(r, "connection refused", f"127.0.0.1:{port}")
     assert r.stdout == ""
@@ -176,9 +150,9 @@ def test_unreachable_cluster_is_one_clear_error(tmp_path):
 
 def test_invalid_spec_is_refused_before_connecting(tmp_path):
     spec = write_build(tmp_path / "b.yaml")
-    r = cli("submit", str(spec), "scaling.workers=0", "--address", f"http://127.0.0.1:{_free_port()}")
+    r = cli("submit", str(spec), "scaling.workers=0", "--address", f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 2 and "field `scaling.workers`" in r.stderr and "Traceback" not in r.stderr
-    r = cli("submit", str(spec), "ray.runtime_env.pip=5", "--address", f"http://127.0.0.1:{_free_port()}")
+    r = cli("submit", str(spec), "ray.runtime_env.pip=5", "--address", f"http://127.0.0.1:{free_port()}")
     _assert_one_error_line(r, "field `ray.runtime_env`", "pip")
     assert r.returncode == 2
 
@@ -194,90 +168,7 @@ def test_a_silent_server_times_out(tmp_path):
         assert time.monotonic() - t0 < 10
 
 
-# ---------------------------------------------------------------- a real Ray head
-
-
-def _session_pids(sid: int, temp_dir: str) -> list[int]:
-    """Processes of the head's session, plus any that run in or name its temp dir (job drivers start their own
-    session, but run inside the temp dir's runtime_resources)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            if os.getsid(pid) == sid:
-                pids.append(pid)
-                continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(entry / "cwd")
-        except (OSError, ProcessLookupError):
-            continue
-        if temp_dir in cmdline or cwd.startswith(temp_dir):
-            pids.append(pid)
-    return pids
-
-
-def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its children on SIGTERM
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-    for _ in range(2):
-        for pid in _session_pids(proc.pid, temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-    if proc.poll() is None:
-        proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """A private Ray head (dashboard + job server) on 127.0.0.1; yields its dashboard URL."""
-    try:
-        import ray.dashboard.optional_deps  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"Ray's job server needs ray[default] ({e})")
-    # A short temp dir: Ray's unix socket paths live under it and must stay short.
-    temp_dir = tempfile.mkdtemp(prefix="cfhead-", dir="/tmp")
-    ports = {name: _free_port() for name in (
-        "port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
-        "object-manager-port")}
-    env = {**CLIENT_ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           # Job entrypoints run `python`: it must be this environment's.
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-           *[f"--{k}={v}" for k, v in ports.items()]]
-    log_path = Path(temp_dir) / "ray-start.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/api/jobs/", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the Ray head's job server did not come up in {HEAD_START_TIMEOUT_S} s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        _stop_head(proc, temp_dir)
-        import shutil
-
-        shutil.rmtree(temp_dir, ignore_errors=True)
+# ---------------------------------------------------------------- a real Ray head (conftest's `ray_head`)
 
 
 def _png(color: tuple[int, int, int]) -> bytes:
@@ -406,3 +297,44 @@ def test_a_long_running_job_is_stopped(ray_head, image_server, tmp_path):
     r = cli("jobs", "status", job_id, "--address", ray_head)
     assert r.stdout.startswith(f"{job_id}: STOPPED")
     assert not list((tmp_path / "out").glob("*.tar"))  # stopped before any shard was finished
+
+
+TRAIN = """\
+kind: train
+name: submit-train
+storage: {storage}
+model: {{name: tiny, trainable: all}}
+data: {{shards: [{shards}], batch_size: 8, loader_workers: 0, shuffle_buffer: 0}}
+optim: {{lr: 0.002, warmup_steps: 1, epochs: 1}}
+checkpoint: {{every_epochs: 1, keep_last: 1}}
+log_every_steps: 1
+tensorboard: false
+scaling: {{workers: 1, cpus_per_worker: 0.5}}
+"""
+
+
+@pytest.mark.slow
+def test_submit_runs_a_tiny_training_to_success(ray_head, tmp_path):
+    from train_fixtures import read_lines, step_lines, write_shards
+
+    write_shards(tmp_path / "shards", [16])
+    run_dir = tmp_path / "run"
+    spec = tmp_path / "train.yaml"
+    spec.write_text(TRAIN.format(storage=run_dir, shards=tmp_path / "shards"))
+
+    r = cli("submit", str(spec), "--address", ray_head)  # waits, printing status changes
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job_id = r.stdout.strip()
+    assert f"{job_id}: RUNNING" in r.stderr.splitlines() and f"job {job_id} SUCCEEDED" in r.stderr
+
+    r = cli("jobs", "status", job_id, "--address", ray_head)
+    assert r.stdout.startswith(f"{job_id}: SUCCEEDED"), r.stdout + r.stderr
+    r = cli("jobs", "logs", job_id, "--address", ray_head)
+    assert r.returncode == 0
+    assert "python -m clipforge run spec.yaml" in r.stdout and "training `submit-train` done: 2 steps" in r.stdout
+
+    # 16 samples at batch 8: two optimizer steps, each logged with a finite loss, then the summary.
+    steps = step_lines(read_lines((run_dir / "metrics.jsonl").read_text()))
+    assert [m["step"] for m in steps] == [1, 2], steps
+    assert all(0 < m["loss"] < 100 for m in steps)
+    assert (run_dir / "summary.json").is_file()

@@ -2,6 +2,7 @@
 and render specs as KubeRay RayJob manifests.
 
   clipforge submit SPEC.yaml [field=value ...] --address http://HEAD:8265 [--working-dir DIR] [--no-wait|--follow]
+                                                (a sweep: each child its own job, followed until all have ended)
   clipforge jobs list|status|logs|stop ... --address http://HEAD:8265
   clipforge render kuberay SPEC.yaml [field=value ...] [--image IMAGE]
 
@@ -10,6 +11,7 @@ and render specs as KubeRay RayJob manifests.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import sys
 from pathlib import Path
@@ -101,9 +103,18 @@ def submit(
         check_runtime_env(s)
     except UserError as e:
         _fail(f"{spec}: {e}", code=2)
+    if s.kind == "sweep":
+        given = [flag for flag, on in (("--no-wait", no_wait), ("--follow", follow),
+                                       ("--submission-id", submission_id)) if on]
+        if given:
+            _fail(f"{given[0]} does not apply to a sweep: this command submits its children as they fit "
+                  "max_concurrent and follows them (read a child's logs with `clipforge jobs logs ID`)", code=2)
     _quiet_ray_client()
     client = _connect(address, timeout_s)
     url = client.get_address()
+    if s.kind == "sweep":
+        _submit_sweep(client, s, working_dir, entrypoint_num_cpus, entrypoint_num_gpus)
+        return
     try:
         job_id = submit_spec(client, s, working_dir=working_dir, submission_id=submission_id,
                              entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus)
@@ -127,6 +138,24 @@ def submit(
     except UserError as e:
         _fail(str(e))
     _exit_for(status)
+
+
+def _submit_sweep(client, s, working_dir: Optional[Path], entrypoint_num_cpus: float,
+                  entrypoint_num_gpus: float) -> None:
+    """Each child of the sweep as its own job, at most `max_concurrent` at once, followed to the end."""
+    from clipforge.cluster.sweep_submit import submit_sweep
+
+    _note(f"sweep `{s.name}`: submitting its children to {client.get_address()}, at most {s.max_concurrent} at once")
+    try:
+        summary = submit_sweep(client, s, working_dir=working_dir, entrypoint_num_cpus=entrypoint_num_cpus,
+                               entrypoint_num_gpus=entrypoint_num_gpus, on_status=_note)
+    except KeyboardInterrupt:
+        _note("\nstopped watching; submitted children keep running. Submit the same sweep again to follow them "
+              "(finished children are skipped)")
+        raise typer.Exit(130) from None
+    except UserError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(summary, indent=2))
 
 
 def _when(ms: int | None) -> str:
@@ -241,6 +270,9 @@ def render_kuberay(
     from clipforge.cluster.kuberay import KubeRayOptions, manifest_yaml, render_rayjob
 
     s = _load(spec, overrides or [])
+    if s.kind == "sweep":
+        _fail(f"{spec}: a sweep is many jobs and has no single RayJob; run it with `clipforge submit` against the "
+              "cluster, or render its base spec", code=2)
     given = {"image": image, "namespace": namespace, "head_cpus": head_cpus, "head_memory_gib": head_memory_gib,
              "memory_gib_per_cpu": memory_gib_per_cpu, "ttl_seconds_after_finished": ttl_seconds_after_finished,
              "backoff_limit": backoff_limit, "submission_mode": submission_mode}

@@ -19,4 +19,8 @@ def run_job(spec: Any) -> Any:
         from clipforge.eval.runner import run_eval
 
         return run_eval(spec)
+    if kind == "sweep":
+        from clipforge.cluster.sweep_run import run_sweep
+
+        return run_sweep(spec)
     raise ValueError(f"unknown kind {kind!r}")  # unreachable: specs are validated first

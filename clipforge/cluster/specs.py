@@ -7,22 +7,29 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, NamedTuple, Union
 
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
+from clipforge.cluster.sweep_spec import SweepSpec
 from clipforge.eval.spec import EvalSpec
 from clipforge.pipeline.spec import BuildSpec
 from clipforge.train.spec import TrainSpec
 
-JobSpec = Annotated[Union[BuildSpec, TrainSpec, EvalSpec], Field(discriminator="kind")]
-KINDS = {"build": BuildSpec, "train": TrainSpec, "eval": EvalSpec}
+JobSpec = Annotated[Union[BuildSpec, TrainSpec, EvalSpec, SweepSpec], Field(discriminator="kind")]
+KINDS = {"build": BuildSpec, "train": TrainSpec, "eval": EvalSpec, "sweep": SweepSpec}
 _ADAPTER: TypeAdapter = TypeAdapter(JobSpec)
 
 
 class SpecError(ValueError):
     """A spec that cannot be read or validated. The message names the file, line and field."""
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, line: int, key: Any):
+        super().__init__(line, key)
+        self.line, self.key = line, key
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -35,7 +42,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in out:
-            raise SpecError(f"line {key_node.start_mark.line + 1}: duplicate key `{key}`")
+            raise _DuplicateKey(key_node.start_mark.line + 1, key)
         out[key] = loader.construct_object(value_node, deep=deep)
     return out
 
@@ -62,8 +69,8 @@ def parse_yaml(text: str, source: str = "<spec>") -> tuple[Any, dict[tuple, int]
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader derives from SafeLoader
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except SpecError as e:
-        raise SpecError(f"{source}: {e}") from None
+    except _DuplicateKey as e:
+        raise SpecError(f"{source}:{e.line}: duplicate key `{e.key}`") from None
     except yaml.constructor.ConstructorError as e:
         mark = e.problem_mark
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -80,23 +87,52 @@ def _coerce_scalar(text: str) -> Any:
     return yaml.safe_load(io.StringIO(text)) if text.strip() else ""
 
 
+def set_field(data: dict, dotted: str, value: Any) -> None:
+    """Set the field at a dotted path (`optim.lr`, `eval_tasks.0.dataset`) in a spec dict, creating missing
+    sections. A mapping key that itself holds dots (a sweep's `grid: {optim.lr: ...}`) is matched whole.
+    Raises ValueError naming the part of the path that is not a section."""
+    keys = dotted.strip().split(".")
+    cur: Any = data
+    i = 0
+    while i < len(keys) - 1:
+        rest = ".".join(keys[i:])
+        if isinstance(cur, dict) and rest in cur:
+            break
+        k = keys[i]
+        if isinstance(cur, list):
+            if not k.isdigit() or int(k) >= len(cur):
+                raise ValueError(f"`{'.'.join(keys[:i])}` is a list of {len(cur)}; `{k}` is not an index in it")
+            nxt = cur[int(k)]
+            if not isinstance(nxt, (dict, list)):
+                raise ValueError(f"`{'.'.join(keys[:i + 1])}` is not a section")
+            cur = nxt
+        else:
+            nxt = cur.get(k)
+            if nxt is None:
+                nxt = cur[k] = {}
+            if not isinstance(nxt, (dict, list)):
+                raise ValueError(f"`{'.'.join(keys[:i + 1])}` is not a section")
+            cur = nxt
+        i += 1
+    last = ".".join(keys[i:]) if isinstance(cur, dict) and ".".join(keys[i:]) in cur else keys[-1]
+    if isinstance(cur, list):
+        if not last.isdigit() or int(last) >= len(cur):
+            raise ValueError(f"`{'.'.join(keys[:-1])}` is a list of {len(cur)}; `{last}` is not an index in it")
+        cur[int(last)] = value
+    else:
+        cur[last] = value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (values parsed as YAML scalars) to a spec dict."""
     for item in overrides:
         if "=" not in item:
             raise SpecError(f"override `{item}`: expected FIELD=VALUE, e.g. optim.lr=1e-4")
         dotted, raw = item.split("=", 1)
-        keys = dotted.strip().split(".")
-        cur = data
-        for k in keys[:-1]:
-            nxt = cur.get(k) if isinstance(cur, dict) else None
-            if nxt is None:
-                nxt = {}
-                cur[k] = nxt
-            if not isinstance(nxt, dict):
-                raise SpecError(f"override `{item}`: `{k}` is not a section")
-            cur = nxt
-        cur[keys[-1]] = _coerce_scalar(raw)
+        try:
+            set_field(data, dotted, _coerce_scalar(raw))
+        except ValueError as e:
+            raise SpecError(f"override `{item}`: {e}") from None
     return data
 
 
@@ -118,61 +154,114 @@ def _yaml_path(loc: tuple, data: Any) -> tuple:
     return tuple(out)
 
 
-def _format_errors(err: ValidationError, lines: dict[tuple, int], source: str, data: Any = None) -> str:
-    msgs = []
+class ErrorItem(NamedTuple):
+    """One validation problem: its YAML key path, that path as `a.b.c`, and the message for the user."""
+
+    path: tuple
+    field: str
+    msg: str
+
+
+def error_items(err: ValidationError, data: Any = None) -> list[ErrorItem]:
+    items = []
     for e in err.errors():
-        path = _yaml_path(e["loc"], data)
-        line = None
-        for n in range(len(path), 0, -1):
-            if path[:n] in lines:
-                line = lines[path[:n]]
-                break
+        loc = e["loc"]
+        if loc and isinstance(data, dict) and loc[0] == data.get("kind") and loc[0] not in data:
+            loc = loc[1:]  # the job spec's own union tag: a check of the whole spec
+        # `[key]` marks a problem with a mapping key itself (a sweep axis); the key's own path names it.
+        about_key = "[key]" in loc
+        path = tuple(p for p in _yaml_path(loc, data) if p != "[key]")
         field = ".".join(str(p) for p in path) or "(top level)"
-        where = f"{source}:{line}" if line else source
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (not part of this spec; check the spelling)"
         elif e["type"] == "missing":
             msg = "required field is missing"
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found") and path:
+            # A tagged list item (an eval task): the tag field inside it is at fault.
+            ctx = e.get("ctx", {})
+            tag_field = str(ctx.get("discriminator", "")).strip("'")
+            if tag_field:
+                path = path + (tag_field,)
+                field = f"{field}.{tag_field}"
+            if e["type"] == "union_tag_invalid":
+                msg = f"unknown {tag_field or 'type'} {ctx.get('tag')!r}; expected one of: {ctx.get('expected_tags')}"
+            else:
+                msg = f"missing `{tag_field or 'type'}`"
         elif e["type"] == "union_tag_invalid":
             tag = e.get("ctx", {}).get("tag")
             msg = f"unknown kind {tag!r}; expected one of: {', '.join(KINDS)}"
-            field = "kind"
+            field, path = "kind", ("kind",)
         elif e["type"] == "union_tag_not_found":
             msg = f"missing `kind`; expected one of: {', '.join(KINDS)}"
-            field = "kind"
+            field, path = "kind", ()
         else:
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
             got = e.get("input")
-            if got is not None and not isinstance(got, (dict, list)):
+            if got is not None and not isinstance(got, (dict, list)) and not about_key:
                 msg = f"{msg} (got {got!r})"
-        msgs.append(f"{where}: field `{field}`: {msg}")
-    return "\n".join(msgs)
+        items.append(ErrorItem(path, field, msg))
+    return items
 
 
-def validate_spec(data: Any, lines: dict[tuple, int] | None = None, source: str = "<spec>"):
+def line_of(path: tuple, lines: dict[tuple, int]) -> int | None:
+    """The line of the key at `path`, else of its nearest ancestor that has one."""
+    for n in range(len(path), 0, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return None
+
+
+def where(source: str, line: int | None) -> str:
+    return f"{source}:{line}" if line else source
+
+
+def _format_errors(err: ValidationError, lines: dict[tuple, int], source: str, data: Any = None) -> str:
+    return "\n".join(f"{where(source, line_of(i.path, lines))}: field `{i.field}`: {i.msg}"
+                     for i in error_items(err, data))
+
+
+def validate_spec(data: Any, lines: dict[tuple, int] | None = None, source: str = "<spec>",
+                  base_dir: str | Path | None = None):
+    """The typed spec of a spec dict, or SpecError. A sweep's children are built and validated too
+    (its `base` path, relative to `base_dir`, is made absolute)."""
+    if data is None:
+        raise SpecError(f"{source}: the spec is empty; it must be a YAML mapping with a `kind:` field")
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a spec must be a YAML mapping with a `kind:` field, got {type(data).__name__}")
     try:
-        return _ADAPTER.validate_python(data)
+        spec = _ADAPTER.validate_python(data)
     except ValidationError as e:
         raise SpecError(_format_errors(e, lines or {}, source, data)) from None
+    if spec.kind == "sweep":
+        from clipforge.cluster.sweep_children import expand_children, resolve_base
+
+        resolve_base(spec, base_dir)
+        expand_children(spec, lines or {}, source)
+    return spec
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None):
     """Read, override and validate a job spec file. Raises SpecError with a message naming file/line/field."""
     p = Path(path)
+    data, lines = read_spec_file(p)
+    if overrides and isinstance(data, dict):
+        data = apply_overrides(data, overrides)
+    return validate_spec(data, lines, str(path), base_dir=p.parent)
+
+
+def read_spec_file(path: str | Path) -> tuple[Any, dict[tuple, int]]:
+    """The parsed YAML of a spec file and the line of each key, or SpecError."""
     try:
-        text = p.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"{path}: spec file not found") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a folder, not a spec file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: cannot read spec file: {e}") from None
-    data, lines = parse_yaml(text, str(path))
-    if overrides:
-        if not isinstance(data, dict):
-            raise SpecError(f"{path}: a spec must be a YAML mapping")
-        data = apply_overrides(data, overrides)
-    return validate_spec(data, lines, str(path))
+    return parse_yaml(text, str(path))
 
 
 def dump_spec(spec) -> str:
