@@ -8,23 +8,11 @@ from pathlib import Path
 import pytest
 
 from clipforge.cluster.specs import SpecError, load_spec
+from spec_fixtures import TRAIN_YAML
 
 REPO = Path(__file__).resolve().parents[1]
 
-TRAIN_OK = """\
-kind: train
-name: t
-storage: /tmp/run
-model:
-  name: tiny
-data:
-  shards: [/tmp/shards]
-  batch_size: 8
-optim:
-  lr: 0.001
-scaling:
-  workers: 2
-"""
+TRAIN_OK = TRAIN_YAML
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -14,21 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from clipforge.cli import app
+from spec_fixtures import TRAIN_YAML
 
-TRAIN = """\
-kind: train
-name: t
-storage: /tmp/run
-model:
-  name: tiny
-data:
-  shards: [/tmp/shards]
-  batch_size: 8
-optim:
-  lr: 0.001
-scaling:
-  workers: 2
-"""
+TRAIN = TRAIN_YAML
 
 BUILD = """\
 kind: build

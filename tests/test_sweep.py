@@ -17,26 +17,14 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 from http_fixtures import ImageServer  # noqa: E402
 from ray_cluster import cli  # noqa: E402
+from spec_fixtures import TRAIN_YAML  # noqa: E402
 
 from clipforge.cli import app  # noqa: E402
 from clipforge.cluster.specs import SpecError, load_spec  # noqa: E402
 from clipforge.cluster.sweep_children import child_names, expand_children  # noqa: E402
 from clipforge.dashboard.sweeps import child_values, swept_fields  # noqa: E402
 
-TRAIN_BASE = """\
-kind: train
-name: t
-storage: /tmp/ignored
-model:
-  name: tiny
-data:
-  shards: [/tmp/shards]
-  batch_size: 8
-optim:
-  lr: 0.001
-scaling:
-  workers: 2
-"""
+TRAIN_BASE = TRAIN_YAML  # its storage is replaced by each child's run directory
 
 GRID = """\
 kind: sweep
