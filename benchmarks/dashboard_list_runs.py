@@ -88,7 +88,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3000)
     p.add_argument("--lines", type=int, default=40, help="metrics.jsonl lines per run")
-    p.add_argument("--cold-repeats", type=int, default=3)
+    p.add_argument("--cold-repeats", type=int, default=5)
     p.add_argument("--warm-repeats", type=int, default=5)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()

@@ -6,6 +6,7 @@ metrics by byte offset (corrupt and half-written lines), path traversal in every
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
@@ -244,6 +245,193 @@ def test_row_follows_a_growing_and_a_rewritten_log(client, runs_folder):
     path.write_text("\n".join(metric_lines(2, evals={"ds/acc1": [0.3, 0.2]})) + "\n" + "x" * 200 + "\n")
     row = rows_by_id(client)["live"]
     assert row["evals"] == {"ds/acc1": 0.3} and row["step"] == 10
+
+
+@contextlib.contextmanager
+def serving(root: Path):
+    spec = DashboardSpec(runs=str(root), port=0, estimate_compute=False, rescan_interval_s=0)
+    server, thread = start_in_thread(spec)
+    try:
+        yield Client(server.url)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def long_log(lines: int, t0: float, awkward: bool) -> list[str]:
+    """A training log as the trainer writes it, with evals every 100 lines; `awkward` adds lines a real one
+    may hold: a line cut by a crash (holding the best accuracy) and an eval key nested in a value."""
+    out = []
+    for i in range(1, lines + 1):
+        rec = {"epoch": 1 + i // 1000, "logit_scale": 14.3 + i / 1e4, "loss": 5.0 / (1 + 0.002 * i), "lr": 1e-3,
+               "samples_per_second": 800.0 + i % 97, "samples_seen": 64 * i, "step": 10 * i, "time": t0 + 0.5 * i}
+        if i % 100 == 0:  # accuracy peaks mid-run, loss keeps falling; n_images is a count, not a score
+            rec.update({"eval/fashion/acc1": round(0.6 - abs(i - 2600) / 10_000, 4),
+                        "eval/fashion/loss": round(3.0 - i / 4000, 4), "eval/fashion/n_images": 1000})
+        out.append(json.dumps(rec))
+    if awkward:
+        out[1799] = out[1799][:60] + ', "eval/fashion/acc1": 0.97'  # no closing brace: not a record
+        out[3000] = json.dumps({**json.loads(out[3000]), "extra": {"eval/fashion/acc1": 0.98}})
+    return out
+
+
+def expected_row(lines: list[str], spec_mtime: float, gmacs: float) -> dict:
+    """The runs-table columns computed from every complete line, decoded one by one."""
+    records = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    last = records[-1]
+    acc = [r["eval/fashion/acc1"] for r in records if "eval/fashion/acc1" in r]
+    loss = [r["eval/fashion/loss"] for r in records if "eval/fashion/loss" in r]
+    return {"samples_seen": last["samples_seen"], "step": last["step"], "epoch": last["epoch"], "loss": last["loss"],
+            "samples_per_second": last["samples_per_second"], "wall_seconds": last["time"] - spec_mtime,
+            "compute": gmacs * last["samples_seen"], "evals": {"fashion/acc1": max(acc), "fashion/loss": min(loss)}}
+
+
+AWKWARD_LINES = [
+    '{"x\\"eval/a/acc1": 0.999}', '{"x\\\\"eval/a/acc1": 0.9991}', '{"eval/a/acc1": 0.1, "x": {"eval/a/acc1": 0.998}}',
+    '{"eval/a/acc1": 0.997, "eval/a/acc1": 0.01}', '{"eval/a/acc1": 0.996', '{"eval/a/acc1": 0.995}}',
+    '[{"eval/a/acc1": 0.994}]', '{"eval/a/acc1": 0.993} x', '{"eval/a/acc1": 0.992, "s": "\\u00e9"}',
+    '{"eval/a/acc1": 1e999}', '{"eval/b/loss": -1e999}', '{"eval/a/acc1": 0.991, "t": "a\x01"}',
+    '{"eval/a/acc1": 0.99,}', '  {"eval/a/acc1": 0.989}\x0c ', '{"eval/a/acc1" : 0.988 , "eval/b/loss":\t0.00001}',
+    '{"eval/a/acc1": 0.987, "eval/a/n_x": null}', '{"eval/a/acc1": 0.986, "k": "eval/a/acc1"}',
+    '{"eval/a/acc1": 0.985, "eval/a/acc1": true}', '{"eval/\u00e9/acc1": 0.5}', '{"eval/a/acc1": NaN}',
+    '{"eval/a/acc1": 1' + "0" * 400 + "}", '{"eval/b/loss": 1E-9, "eval/b/loss": 2}',
+]
+
+
+def test_metrics_digest_agrees_with_decoding_every_line():
+    """The runs table reads best evals off the raw bytes and decodes only the best values' lines; whatever the
+    log holds, it must give what decoding every complete line gives (incrementally too)."""
+    import random
+
+    from clipforge.dashboard.metrics_log import EVAL_PREFIX, MetricsDigest, lower_is_better
+
+    def reference(data: bytes) -> tuple[dict, dict | None]:
+        best, last = {}, None
+        for line in data[: data.rfind(b"\n") + 1].split(b"\n"):
+            try:
+                rec = json.loads(line.strip())  # blanks around a line (\x0b, \x0c too) do not spoil it
+            except ValueError:
+                continue
+            if not isinstance(rec, dict):
+                continue
+            last = rec
+            for k, v in rec.items():
+                name = k[len(EVAL_PREFIX):]
+                if (not k.startswith(EVAL_PREFIX) or isinstance(v, bool) or not isinstance(v, (int, float))
+                        or name.rsplit("/", 1)[-1].startswith("n_") or abs(v) > 1e308 or v != v):
+                    continue
+                sign = -1 if lower_is_better(name) else 1
+                if name not in best or (v - best[name]) * sign > 0:
+                    best[name] = float(v)
+        return best, last
+
+    rng = random.Random(7)
+    for trial in range(600):
+        lines = []
+        for i in range(rng.randint(1, 30)):
+            rec = {"step": i, "loss": rng.random()}
+            if rng.random() < 0.3:
+                rec.update({"eval/a/acc1": round(rng.random(), 3), "eval/a/n_images": 100,
+                            "eval/b/loss": round(rng.random(), 3)})
+            lines.append(json.dumps(rec, separators=rng.choice([(", ", ": "), (",", ":")])))
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            lines.insert(rng.randint(0, len(lines)), rng.choice(AWKWARD_LINES))
+        data = ("\n".join(lines) + rng.choice(["\n", "", '\n{"eval/a/acc1": 0.9999'])).encode()
+        whole = MetricsDigest()
+        whole.feed(data)
+        pieces = MetricsDigest()  # the same bytes, read as a growing file is read
+        for cut in sorted(rng.sample(range(len(data)), min(3, len(data)))) + [len(data)]:
+            assert pieces.continue_with(data[pieces.resume_start():cut])
+        best, last = reference(data)
+        assert whole.best_evals == best and whole.last == last, data
+        assert pieces.best_evals == best and pieces.last == last and pieces.offset == whole.offset, data
+
+
+def test_numbers_too_large_for_a_float_leave_cells_blank(tmp_path):
+    """JSON integers have no size limit; one that no float can hold must not break the whole listing."""
+    huge = "1" + "0" * 400
+    run = tmp_path / "runs" / "huge"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(
+        f'{{"step": 5, "eval/ds/acc1": {huge}, "eval/ds/acc5": 0.5}}\n{{"step": 10, "samples_seen": {huge}}}\n')
+    (run / "summary.json").write_text(f'{{"gmacs": 2.0, "samples_per_second": {huge}}}')
+    (run / "eval").mkdir()
+    (run / "eval" / "results.json").write_text(
+        f'{{"dataset": "tux", "model": "tiny", "task": "retrieval", "metrics": {{"r1": {huge}, "r5": 0.75}}}}')
+    with serving(tmp_path / "runs") as client:
+        row = rows_by_id(client)["huge"]
+    assert row["evals"] == {"ds/acc5": 0.5, "tux/r5": 0.75}
+    assert row["samples_seen"] is None and row["compute"] is None and row["samples_per_second"] is None
+    assert row["step"] == 10 and row["status"] == "finished"
+
+
+def test_a_model_named_by_a_number_is_listed_without_an_estimate(tmp_path):
+    from clipforge.dashboard.app import Dashboard
+
+    run = tmp_path / "numbered"
+    run.mkdir()
+    (run / "spec.yaml").write_text("kind: train\nname: numbered\nmodel:\n  name: 123\ndata:\n  batch_size: 8\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    dash = Dashboard(DashboardSpec(runs=str(tmp_path), rescan_interval_s=0, estimate_compute=True))
+    status, data = dash.handle(dash.runs, {})
+    assert status == 200 and data["runs"][0]["model"] == 123 and data["runs"][0]["params"] is None
+    assert data["estimates_pending"] == [] and data["estimate_errors"] == {}
+
+
+def test_runs_list_columns_for_long_logs_with_a_half_written_line(tmp_path):
+    root = tmp_path / "runs"
+    (root / "sweep").mkdir(parents=True)
+    (root / "sweep" / "sweep.json").write_text(json.dumps({"fields": ["optim.lr"], "children": [
+        {"dir": "awkward", "values": {"optim.lr": 1e-3}}, {"dir": "clean", "values": {"optim.lr": 3e-3}}]}))
+    spec_mtime = time.time() - 3000.0
+    half = json.dumps({"step": 50010, "eval/fashion/acc1": 0.999, "loss": 0.01, "samples_seen": 1})[:-1]
+    final = json.dumps({"step": 50020, "samples_seen": 320_128, "loss": 0.009, "epoch": 6,
+                        "samples_per_second": 950.0, "time": spec_mtime + 4000})
+    logs = {}
+    for name in ("awkward", "clean"):
+        run = root / "sweep" / name
+        run.mkdir()
+        (run / "spec.yaml").write_text(train_spec_yaml(f"{name}-run", str(run)))
+        os.utime(run / "spec.yaml", (spec_mtime, spec_mtime))
+        # Only the model's size: the other columns come from the log.
+        (run / "summary.json").write_text(json.dumps({"params": 1_234_567, "gmacs": 0.25}))
+        logs[name] = long_log(5000, t0=spec_mtime + 10, awkward=name == "awkward")
+        (run / "metrics.jsonl").write_text("\n".join(logs[name]) + "\n" + half)
+
+    def check(rows: dict, name: str, lines: list[str]) -> None:
+        row = rows[f"sweep/{name}"]
+        assert {k: row[k] for k in ("name", "sweep", "swept", "kind", "status", "model", "params")} == {
+            "name": f"{name}-run", "sweep": "sweep", "swept": {"optim.lr": 1e-3 if name == "awkward" else 3e-3},
+            "kind": "train", "status": "finished", "model": "tiny", "params": 1_234_567}
+        for key, value in expected_row(lines, spec_mtime, 0.25).items():
+            assert row[key] == pytest.approx(value), (name, key)
+
+    with serving(root) as client:
+        rows = rows_by_id(client)
+        for name, lines in logs.items():
+            assert expected_row(lines, spec_mtime, 0.25)["evals"] == {"fashion/acc1": 0.6, "fashion/loss": 1.75}
+            check(rows, name, lines)
+        # The trainer finishes the half-written line and logs one more: the table follows.
+        for name, lines in logs.items():
+            with open(root / "sweep" / name / "metrics.jsonl", "a") as f:
+                f.write("}\n" + final + "\n")
+            lines += [half + "}", final]
+            assert expected_row(lines, spec_mtime, 0.25)["evals"]["fashion/acc1"] == 0.999
+        rows = rows_by_id(client)
+        for name, lines in logs.items():
+            check(rows, name, lines)
+    with serving(root) as fresh:  # a freshly started dashboard reads the whole logs at once and agrees
+        rows = rows_by_id(fresh)
+        for name, lines in logs.items():
+            check(rows, name, lines)
 
 
 # -- one run and live metrics ----------------------------------------------------------------------

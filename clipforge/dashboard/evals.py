@@ -7,9 +7,8 @@ run may keep such results in `RUN/eval/` or `RUN/evals/` (optionally one folder 
 from __future__ import annotations
 
 import json
-import math
 
-from clipforge.dashboard.metrics_log import merge_best
+from clipforge.dashboard.metrics_log import is_finite_number, merge_best
 from clipforge.dashboard.tree import Entry, RunTree, join_rel
 
 EVAL_SUBDIRS = ("eval", "evals")
@@ -36,7 +35,7 @@ def result_metrics(result: dict) -> dict[str, float]:
     dataset = str(result.get("dataset"))
     out = {}
     for k, v in result["metrics"].items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        if is_finite_number(v):
             out[f"{dataset}/{k}"] = float(v)
     return out
 

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 
 EVAL_PREFIX = "eval/"
 _EVAL_MARK = b'"' + EVAL_PREFIX.encode()
-# An eval key as written by json.dumps (no escapes in metric names).
-_EVAL_KEY = re.compile(rb'"(' + re.escape(EVAL_PREFIX.encode()) + rb'[^"\\]+)"\s*:')
 
 # Bytes before an offset remembered to notice that the file was rewritten (a resumed run drops the
 # lines logged after its checkpoint and starts the file again).
@@ -67,11 +65,17 @@ def parse_records(data: bytes, offset: int) -> Chunk:
 def eval_metrics(record: dict) -> dict[str, float]:
     """`<dataset>/<metric>` -> value for the eval keys of one record (finite numbers only)."""
     n = len(EVAL_PREFIX)
-    return {k[n:]: float(v) for k, v in record.items() if k.startswith(EVAL_PREFIX) and _is_number(v)}
+    return {k[n:]: float(v) for k, v in record.items() if k.startswith(EVAL_PREFIX) and is_finite_number(v)}
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def is_finite_number(v) -> bool:
+    """An int or float (not a bool) that is finite; integers too large for a float are not."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def lower_is_better(metric_key: str) -> bool:
@@ -100,8 +104,10 @@ def merge_best(best: dict[str, float], new: dict[str, float]) -> None:
 class MetricsDigest:
     """What the runs table needs from a metrics log, updated incrementally as the file grows.
 
-    Only the first line, the last complete line and lines holding eval keys are decoded: the runs
-    table of thousands of runs must not decode every training step of every run.
+    Only the first line, the last complete line and the eval values are looked at: the runs table of
+    thousands of runs must not decode every training step of every run. Eval values are read off the
+    raw bytes; of each metric's best value only the line it comes from is decoded, to check that it is
+    a JSON object holding that value (see `_best_of_eval_values`).
     """
 
     offset: int = 0
@@ -127,63 +133,106 @@ class MetricsDigest:
 
     def feed(self, data: bytes) -> None:
         """Consume the complete lines of `data`, which starts at `self.offset`."""
-        whole = complete_part(data)
-        if not whole:
+        end = data.rfind(b"\n") + 1
+        if not end:
             return
+        whole = data if end == len(data) else data[:end]
         if self.first_line is None:
-            self.first_line = next((ln for ln in whole.split(b"\n", 8) if ln.strip()), None)
-        best = self.best_evals
-        eval_lines = _lines_with(whole, _EVAL_MARK)
-        if eval_lines:
-            records = _eval_records(eval_lines)
-            joined = b"\n".join(eval_lines)
-            found = _EVAL_KEY.findall(joined)
-            if len(found) == joined.count(_EVAL_MARK):
-                # Every eval key was found in the raw bytes: look up only those in the decoded records.
-                names = {k.decode("utf-8", "replace") for k in found}
-            else:  # escaped characters in a key, or the mark inside a value: look at every key
-                names = {k for rec in records for k in rec if k.startswith(EVAL_PREFIX)}
-            keys = [(k, k[len(EVAL_PREFIX):], _direction(k[len(EVAL_PREFIX):])) for k in names]
-            for rec in records:
-                for k, key, direction in keys:
-                    v = rec.get(k)
-                    if direction and v is not None and _is_number(v):
-                        old = best.get(key)
-                        if old is None or (v - old) * direction > 0:
-                            best[key] = float(v)
-        end = len(whole) - 1  # the final newline
-        while end > 0:
-            start = whole.rfind(b"\n", 0, end) + 1
-            rec = parse_line(whole[start:end])
+            self.first_line = _first_line(whole)
+        decoded: dict[int, dict | None] = {}  # line start -> record, for lines decoded here
+        stop = end - 1  # the final newline
+        while stop > 0:
+            start = whole.rfind(b"\n", 0, stop) + 1
+            rec = decoded[start] = parse_line(whole[start:stop])
             if rec is not None:
                 self.last = rec
                 break
-            end = start - 1
-        self.offset += len(whole)
+            stop = start - 1
+        first_mark = whole.find(_EVAL_MARK)
+        if first_mark >= 0:
+            found = _best_of_eval_values(whole, first_mark, decoded)
+            if found is None:
+                found = _eval_values_line_by_line(whole)
+            merge_best(self.best_evals, found)
+        self.offset += end
         self.tail = (self.tail + whole[-_TAIL_CHECK:])[-_TAIL_CHECK:]
 
 
-def _lines_with(whole: bytes, mark: bytes) -> list[bytes]:
-    """The lines of `whole` (complete lines) that contain `mark`, found with bytes searches, not a loop over lines."""
-    out = []
-    pos = whole.find(mark)
+_JSON_NUMBER = rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?"
+# An eval key as json.dumps writes it when it holds no escapes or non-ASCII characters, and a number
+# (json.dumps writes NaN and infinities as below: an undefined metric, such as acc5 with 3 classes).
+_EVAL_NUMBER = re.compile(_EVAL_MARK + rb'([\x20\x21\x23-\x5b\x5d-\x7e]+)"[ \t\r]*:[ \t\r]*('
+                          + _JSON_NUMBER + rb"|NaN|-?Infinity)")
+# Eval key as written (bytes) -> (`<dataset>/<metric>`, direction); a handful of distinct keys per folder.
+_KEYS: dict[bytes, tuple[str, int]] = {}
+
+
+def _key_info(raw: bytes) -> tuple[str, int]:
+    info = _KEYS.get(raw)
+    if info is None:
+        key = raw.decode("ascii")
+        info = (key, _direction(key))
+        if len(_KEYS) < 4096:
+            _KEYS[raw] = info
+    return info
+
+
+def _best_of_eval_values(whole: bytes, pos: int, decoded: dict[int, dict | None]) -> dict[str, float] | None:
+    """`<dataset>/<metric>` -> its best value in the complete lines `whole`, whose first `"eval/` is at
+    `pos`, or None when only decoding every eval line can tell. `decoded` holds lines already decoded
+    (by their start) and gets the ones decoded here.
+
+    When every `"eval/` in the bytes starts a `"eval/KEY": NUMBER` match, the matches include every
+    numeric eval value of every line that is a JSON object (and maybe more: values in lines that are
+    not JSON objects, nested deeper, or given twice). So when the line of a metric's best match is a
+    JSON object holding that value, it is the metric's best value, and only that line is decoded.
+    """
+    best: dict[str, tuple[float, int]] = {}
+    while pos >= 0:
+        m = _EVAL_NUMBER.match(whole, pos)
+        if m is None:
+            return None  # an eval key with escapes or non-ASCII characters, or a value that is not a number
+        raw, number = m.groups()
+        key, direction = _key_info(raw)
+        if direction:
+            v = float(number)
+            old = best.get(key)
+            if (old is None or (v - old[0]) * direction > 0) and math.isfinite(v):
+                best[key] = (v, pos)
+        pos = whole.find(_EVAL_MARK, m.end())
+    for key, (v, pos) in best.items():
+        start = whole.rfind(b"\n", 0, pos) + 1
+        rec = decoded.get(start, _NOT_DECODED)
+        if rec is _NOT_DECODED:
+            rec = decoded[start] = parse_line(whole[start:whole.find(b"\n", pos)])
+        held = None if rec is None else rec.get(EVAL_PREFIX + key)
+        if not is_finite_number(held) or held != v:
+            return None
+    return {key: v for key, (v, _) in best.items()}
+
+
+_NOT_DECODED = object()
+
+
+def _eval_values_line_by_line(whole: bytes) -> dict[str, float]:
+    """Best eval values of the lines of `whole` that are JSON objects, decoding every line with an eval key."""
+    best: dict[str, float] = {}
+    pos = whole.find(_EVAL_MARK)
     while pos >= 0:
         start = whole.rfind(b"\n", 0, pos) + 1
-        end = whole.find(b"\n", pos)
-        out.append(whole[start:end])
-        pos = whole.find(mark, end)
-    return out
+        stop = whole.find(b"\n", pos)
+        rec = parse_line(whole[start:stop])
+        if rec is not None:
+            merge_best(best, eval_metrics(rec))
+        pos = whole.find(_EVAL_MARK, stop)
+    return best
 
 
-def _eval_records(lines: list[bytes]) -> list[dict]:
-    """The valid records among `lines`: decoded as one JSON array when every line is whole (the usual case)."""
-    if not lines:
-        return []
-    try:
-        records = json.loads(b"[" + b",".join(lines) + b"]")
-    except (ValueError, UnicodeDecodeError):
-        records = None
-    if records is None or len(records) != len(lines) or not all(isinstance(r, dict) for r in records):
-        # Some line is corrupt (or holds more than one value): decide line by line.
-        records = [r for r in map(parse_line, lines) if r is not None]
-    return records
+def _first_line(whole: bytes) -> bytes | None:
+    start = 0
+    while start < len(whole):
+        stop = whole.find(b"\n", start)
+        if whole[start:stop].strip():
+            return whole[start:stop]
+        start = stop + 1
+    return None

@@ -78,7 +78,12 @@ class ModelCosts:
         self._worker: threading.Thread | None = None
 
     def get(self, model_name: str | None) -> ModelCost | None:
-        if not model_name or not self.enabled or not _buildable(model_name):
+        if not isinstance(model_name, str) or not self.enabled:
+            return None  # a spec may name its model with a number: nothing to build
+        known = self._known.get(model_name, self)  # without the lock: a listing asks once per run
+        if known is not self:
+            return known
+        if not _buildable(model_name):
             return None
         with self._lock:
             if model_name in self._known:

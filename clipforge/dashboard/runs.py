@@ -17,6 +17,7 @@ import contextlib
 import gc
 import json
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -36,6 +37,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 SPEC_FILE = "spec.yaml"
 FAILURE_FILES = ("FAILED", "error.json")
+_FAILURE_NAMES = frozenset(FAILURE_FILES)
+_EVAL_DIR_NAMES = frozenset(EVAL_SUBDIRS)
 RUN_MARKERS = (METRICS_FILE, SUMMARY_FILE, RESULTS_FILE)
 # Folders inside runs that never hold other runs, and are often large.
 SKIP_DIRS = {"checkpoints", "ray", "__pycache__", "node_modules"}
@@ -55,6 +58,11 @@ class Group:
     child_values: dict[str, dict] = field(default_factory=dict)  # child folder -> its swept field values
 
 
+def _child(folder: str, name: str) -> str:
+    """join_rel for the one-name case (the scan's hot path)."""
+    return f"{folder}/{name}" if folder else name
+
+
 def discover(tree: RunTree, max_depth: int) -> tuple[list[RunDir], dict[str, Group]]:
     """Run directories and groups under the root, breadth first, at most `max_depth` levels down."""
     runs: list[RunDir] = []
@@ -69,7 +77,7 @@ def discover(tree: RunTree, max_depth: int) -> tuple[list[RunDir], dict[str, Gro
             continue
         entries = {e.name: e for e in listing}
         is_group = sweeps.SWEEP_FILE in entries
-        if not is_group and any(m in entries and not entries[m].is_dir for m in RUN_MARKERS):
+        if not is_group and _has_run_marker(entries):
             runs.append(RunDir(rel, {e.name: e for e in tree.with_stats(rel, listing)}))
             continue
         if is_group:
@@ -79,9 +87,9 @@ def discover(tree: RunTree, max_depth: int) -> tuple[list[RunDir], dict[str, Gro
         pending_run = SPEC_FILE in entries and not is_group
         if depth < max_depth:
             skip = SKIP_DIRS | set(EVAL_SUBDIRS) if pending_run else SKIP_DIRS
-            for e in sorted(listing, key=lambda x: x.name):
+            for e in sorted(listing):  # by name: names in a folder are unique
                 if e.is_dir and not e.name.startswith(".") and e.name not in skip:
-                    frontier.append((join_rel(rel, e.name), depth + 1))
+                    frontier.append((_child(rel, e.name), depth + 1))
         if pending_run:
             runs.append(RunDir(rel, {e.name: e for e in tree.with_stats(rel, listing)}))
     # Parents are known only now: a run's group is its nearest ancestor that holds runs.
@@ -97,6 +105,14 @@ def discover(tree: RunTree, max_depth: int) -> tuple[list[RunDir], dict[str, Gro
     return runs, groups
 
 
+def _has_run_marker(entries: dict[str, Entry]) -> bool:
+    for name in RUN_MARKERS:
+        e = entries.get(name)
+        if e is not None and not e.is_dir:
+            return True
+    return False
+
+
 @contextlib.contextmanager
 def _no_gc():
     """Pause the cycle collector: a scan allocates hundreds of thousands of small objects (none in cycles),
@@ -106,18 +122,22 @@ def _no_gc():
     try:
         yield
     finally:
+        # Move what the scan made straight to the oldest generation (freeze + unfreeze does that at no
+        # cost): the first young-generation collection after it would otherwise walk all of it.
+        gc.freeze()
+        gc.unfreeze()
         if was_enabled:
             gc.enable()
 
 
-def _sig(entries: dict[str, Entry], name: str) -> tuple | None:
-    e = entries.get(name)
-    return None if e is None or e.is_dir else (e.size, e.mtime)
+def _file_sigs(entries: dict[str, Entry]) -> dict[str, tuple[int, float]]:
+    """(size, modification time) of each file of a run folder: what tells whether it changed."""
+    return {name: (e.size, e.mtime) for name, e in entries.items() if not e.is_dir}
 
 
-def _read_json(tree: RunTree, path: str) -> dict | None:
+def _read_json(tree: RunTree, path: str, size: int = -1) -> dict | None:
     try:
-        obj = json.loads(tree.read_bytes(path))
+        obj = json.loads(tree.read_bytes(path, size=size))
     except (OSError, ValueError):
         return None  # half-written or unreadable: shown as missing until the next scan
     return obj if isinstance(obj, dict) else None
@@ -206,41 +226,40 @@ class RunIndex:
 
     # -- one run -------------------------------------------------------------------------------
 
-    def _refresh(self, run: RunDir) -> _Cached:
-        """Re-read what changed in the run's folder; `changed` says whether anything did."""
+    def _refresh(self, run: RunDir, files: dict[str, tuple[int, float]]) -> _Cached:
+        """Re-read what changed in the run's folder (`files`: its _file_sigs); `changed` says whether anything did."""
         c = self._cache.get(run.id)
         if c is None:
             c = self._cache[run.id] = _Cached()
         before = dict(c.sigs)
         e = run.entries
-        sig = _sig(e, SPEC_FILE)
+        sig = files.get(SPEC_FILE)
         if sig != c.sigs.get(SPEC_FILE):
             c.header = {}
             if sig is not None:
                 try:
-                    c.header = spec_header(self.tree.read_text(join_rel(run.id, SPEC_FILE)))
+                    c.header = spec_header(self.tree.read_text(_child(run.id, SPEC_FILE), size=sig[0]))
                 except Exception:  # noqa: BLE001 - a broken spec leaves the spec columns blank
                     c.header = {}
             c.sigs[SPEC_FILE] = sig
-        sig = _sig(e, SUMMARY_FILE)
+        sig = files.get(SUMMARY_FILE)
         if sig != c.sigs.get(SUMMARY_FILE):
-            c.summary = _read_json(self.tree, join_rel(run.id, SUMMARY_FILE)) if sig else None
+            c.summary = _read_json(self.tree, _child(run.id, SUMMARY_FILE), sig[0]) if sig else None
             c.sigs[SUMMARY_FILE] = sig
-        self._refresh_metrics(run, c)
+        self._refresh_metrics(run, c, files.get(METRICS_FILE))
         self._refresh_evals(run, c)
-        sig = tuple(_sig(e, n) for n in FAILURE_FILES)
+        sig = tuple([files.get(n) for n in FAILURE_FILES])
         if sig != c.sigs.get("failure"):
             c.failure = _failure_message(self.tree, run.id, e) if any(sig) else None
             c.sigs["failure"] = sig
         c.changed = c.sigs != before
         return c
 
-    def _refresh_metrics(self, run: RunDir, c: _Cached) -> None:
-        sig = _sig(run.entries, METRICS_FILE)
+    def _refresh_metrics(self, run: RunDir, c: _Cached, sig: tuple[int, float] | None) -> None:
         if sig == c.sigs.get(METRICS_FILE):
             return
         c.sigs[METRICS_FILE] = sig
-        path = join_rel(run.id, METRICS_FILE)
+        path = _child(run.id, METRICS_FILE)
         if sig is None:
             c.digest = MetricsDigest()
             return
@@ -249,30 +268,36 @@ class RunIndex:
                 if c.digest.continue_with(self.tree.read_bytes(path, c.digest.resume_start())):
                     return
             digest = MetricsDigest()
-            digest.feed(self.tree.read_bytes(path))
+            digest.feed(self.tree.read_bytes(path, size=sig[0]))
             c.digest = digest
         except OSError as err:
             log.warning("cannot read %s: %s", path, err)
             c.sigs[METRICS_FILE] = None
 
     def _refresh_evals(self, run: RunDir, c: _Cached) -> None:
+        e = run.entries
         files: list[tuple[str, Entry]] = []
-        if RESULTS_FILE in run.entries and not run.entries[RESULTS_FILE].is_dir:
-            files.append((join_rel(run.id, RESULTS_FILE), run.entries[RESULTS_FILE]))
-        try:
-            files += eval_files(self.tree, run.id, run.entries)
-        except (PathNotFound, OSError):
-            pass
-        sig = tuple((p, f.size, f.mtime) for p, f in files)
+        if RESULTS_FILE in e and not e[RESULTS_FILE].is_dir:
+            files.append((_child(run.id, RESULTS_FILE), e[RESULTS_FILE]))
+        if not _EVAL_DIR_NAMES.isdisjoint(e):
+            try:
+                files += eval_files(self.tree, run.id, e)
+            except (PathNotFound, OSError):
+                pass
+        sig = tuple([(p, f.size, f.mtime) for p, f in files])
         if sig == c.sigs.get("evals"):
             return
         c.sigs["evals"] = sig
-        results = read_results(self.tree, [p for p, _ in files]) if files else []
+        if not files:  # most training runs
+            c.file_evals, c.eval_model = {}, None
+            return
+        results = read_results(self.tree, [p for p, _ in files])
         c.file_evals = best_of(results)
         c.eval_model = next((str(r.get("model")) for r in results if r.get("model")), None)
 
     def _row(self, run: RunDir, groups: dict[str, Group], now: float) -> dict:
-        c = self._refresh(run)
+        files = _file_sigs(run.entries)
+        c = self._refresh(run, files)
         parent = run.id.rsplit("/", 1)[0] if "/" in run.id else ""
         group = groups.get(parent)
         header = c.header
@@ -282,17 +307,17 @@ class RunIndex:
         kind = header.get("kind") or ("eval" if RESULTS_FILE in e else "train" if METRICS_FILE in e else "run")
         cost = self.costs.get(model) if kind == "train" else None
         swept = group.child_values.get(run.id.rsplit("/", 1)[-1], {}) if group else {}
-        key = (cost, swept, tuple((n, x.mtime) for n, x in e.items() if not x.is_dir))
+        key = (cost, swept, files)
         if not c.changed and c.row is not None and c.row_key == key:
             c.row["status"] = self._status(e, c, now)
             return c.row
-        row = self._build_row(run, c, now, cost)
+        row = self._build_row(run, c, now, cost, files)
         row.update(sweep=parent or None, swept=swept, kind=kind, model=model,
                    trainable=model_section.get("trainable"))
         c.row, c.row_key = row, key
         return row
 
-    def _build_row(self, run: RunDir, c: _Cached, now: float, cost) -> dict:
+    def _build_row(self, run: RunDir, c: _Cached, now: float, cost, files: dict[str, tuple[int, float]]) -> dict:
         e = run.entries
         header, summary, digest = c.header, c.summary or {}, c.digest
         last = digest.last or {}
@@ -323,11 +348,11 @@ class RunIndex:
             "wall_seconds": _wall_seconds(summary, digest, last, e),
             "samples_per_second": _number(summary.get("samples_per_second")) or _number(
                 last.get("samples_per_second")),
-            "updated": max((x.mtime for x in e.values() if not x.is_dir), default=None),
+            "updated": max([mtime for _, mtime in files.values()], default=None),
         }
 
     def _status(self, e: dict[str, Entry], c: _Cached, now: float) -> str:
-        if any(n in e for n in FAILURE_FILES):
+        if not _FAILURE_NAMES.isdisjoint(e):
             newest_other = max((x.mtime for n, x in e.items() if not x.is_dir and n not in FAILURE_FILES),
                                default=0.0)
             marker = max((e[n].mtime for n in FAILURE_FILES if n in e and not e[n].is_dir), default=None)
@@ -341,10 +366,21 @@ class RunIndex:
         return "stopped"
 
 
+_LARGEST_FLOAT_INT = int(sys.float_info.max)
+
+
 def _number(v) -> float | int | None:
+    """`v` if it is a usable number, else None. Called a dozen times per row: the usual cases come first."""
+    if v is None:
+        return None
+    kind = type(v)
+    if kind is float:
+        return v if v == v else None  # NaN -> None
+    if kind is int:
+        return v if -_LARGEST_FLOAT_INT <= v <= _LARGEST_FLOAT_INT else None  # larger ones overflow products
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    return v if v == v else None  # NaN -> None
+    return _number(float(v) if isinstance(v, float) else int(v))  # a subclass: as its base type
 
 
 def _wall_seconds(summary: dict, digest: MetricsDigest, last: dict, entries: dict[str, Entry]) -> float | None:

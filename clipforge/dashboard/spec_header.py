@@ -149,6 +149,28 @@ _DUMPED_HEAD = re.compile(
     r"(?=[A-Za-z_][A-Za-z0-9_]*:)")
 
 
+# Plain value -> what it reads as. Most values repeat from run to run (train, tiny, null, false, 0) and
+# are met in the first few specs: remembering them saves their regular-expression matches. Small, as
+# names and paths, which do not repeat, fill it up.
+_RESOLVED: dict[str, object] = {}
+_RESOLVED_MAX = 512
+_UNSURE = object()
+
+
+def _resolve_remembered(value: str):
+    resolved = _RESOLVED.get(value, _RESOLVED)
+    if resolved is _RESOLVED:
+        try:
+            resolved = _resolve_plain(value)
+        except _NeedsParser:
+            resolved = _UNSURE
+        if len(_RESOLVED) < _RESOLVED_MAX:
+            _RESOLVED[value] = resolved
+    if resolved is _UNSURE:
+        raise _NeedsParser
+    return resolved
+
+
 def _dumped_head(text: str, wanted: tuple[str, ...]) -> dict:
     m = _DUMPED_HEAD.match(text)
     if m is None:
@@ -156,11 +178,11 @@ def _dumped_head(text: str, wanted: tuple[str, ...]) -> dict:
     out: dict = {}
     for line in m.group(1).splitlines():
         key, value = line.split(": ", 1)
-        out[key] = _resolve_plain(value)
+        out[key] = _resolve_remembered(value)
     out["model"] = model = {}
     for line in m.group(2).splitlines():
         key, value = line[2:].split(": ", 1)
-        model[key] = _resolve_plain(value)
+        model[key] = _resolve_remembered(value)
     if not all(k in out for k in wanted):
         raise _NeedsParser  # a wanted key comes after the model section
     return out
