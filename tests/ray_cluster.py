@@ -46,6 +46,20 @@ def cli(*args: str, env: dict | None = None, timeout: float = JOB_TIMEOUT_S) -> 
                           timeout=timeout, env=env or CLIENT_ENV, cwd=REPO)
 
 
+def failed_job_logs(address: str, tail: int = 4000) -> str:
+    """The end of each failed job's log on the head at `address`, for assertion messages: a child's own log says
+    why it failed, where the client only sees Ray's one-line message."""
+    from clipforge.cluster.submit import connect, job_logs, list_jobs
+
+    client = connect(address)
+    parts = []
+    for job in list_jobs(client):
+        if str(job.status).endswith("FAILED"):
+            first = (job.message or "").splitlines()[:1]
+            parts.append(f"--- {job.submission_id} ({first}):\n{job_logs(client, job.submission_id)[-tail:]}")
+    return "\n".join(parts) or "(no failed jobs on the head)"
+
+
 def _session_pids(sid: int, temp_dir: str) -> list[int]:
     """Processes of the head's session, plus any that run in or name its temp dir (job drivers start their own
     session, but run inside the temp dir's runtime_resources)."""

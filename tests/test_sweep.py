@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from http_fixtures import ImageServer  # noqa: E402
-from ray_cluster import cli  # noqa: E402
+from ray_cluster import cli, failed_job_logs  # noqa: E402
 from spec_fixtures import TRAIN_YAML  # noqa: E402
 
 from clipforge.cli import app  # noqa: E402
@@ -289,7 +289,7 @@ grid:
 """)
     t0 = time.time() * 1000
     r = cli("submit", str(sweep), "--address", ray_head)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + failed_job_logs(ray_head)
     record = read_sweep(out)
     assert record["mode"] == "submit" and record["address"] == ray_head
     assert [c["status"] for c in record["children"]] == ["finished"] * 4

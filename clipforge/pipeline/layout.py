@@ -177,8 +177,12 @@ class OutputLayout:
         self.write_bytes(final, buf.getvalue())
 
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        # Not pq.read_table: over a Python file object its dataset scanner leaves read-ahead futures that hold
+        # the file and are released on an Arrow thread later; if that happens while the interpreter exits,
+        # the thread cannot take the GIL and the process aborts (exit 134) after the job has succeeded.
+        # A single-threaded ParquetFile read finishes all its I/O before returning.
         with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+            return pq.ParquetFile(f).read(columns=columns, use_threads=False)
 
     def read_json(self, path: str) -> Any:
         with self.fs.open(path, "rb") as f:
