@@ -20,8 +20,9 @@ import logging
 import sys
 import threading
 import time
-from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 from clipforge.dashboard import sweeps
 from clipforge.dashboard.evals import EVAL_SUBDIRS, RESULTS_FILE, best_of, eval_files, read_results
@@ -32,6 +33,8 @@ from clipforge.dashboard.spec_header import spec_header
 from clipforge.dashboard.tree import Entry, PathNotFound, RunTree, join_rel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -63,35 +66,40 @@ def _child(folder: str, name: str) -> str:
     return f"{folder}/{name}" if folder else name
 
 
+def in_parallel(tree: RunTree, fn: Callable[[T], R], items: list[T]) -> list[R]:
+    """[fn(item) for item in items], with up to `tree.parallel_requests` in flight (object stores are
+    latency-bound: a folder of runs on S3 listed one request at a time takes seconds)."""
+    workers = min(tree.parallel_requests, len(items))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runs-scan") as pool:
+        return list(pool.map(fn, items))
+
+
+def _names(tree: RunTree, rel: str) -> list[Entry] | None:
+    try:
+        # Names first: folders that are not runs (data, shards) may hold thousands of files.
+        return tree.listdir(rel, stat=False)
+    except (PathNotFound, OSError):
+        return None
+
+
 def discover(tree: RunTree, max_depth: int) -> tuple[list[RunDir], dict[str, Group]]:
-    """Run directories and groups under the root, breadth first, at most `max_depth` levels down."""
+    """Run directories and groups under the root, breadth first, at most `max_depth` levels down.
+
+    Each level's folders are listed together (see in_parallel) and then visited in order, so the result is
+    the same however many listings are in flight."""
     runs: list[RunDir] = []
     groups: dict[str, Group] = {}
-    frontier: deque[tuple[str, int]] = deque([("", 0)])
-    while frontier:
-        rel, depth = frontier.popleft()
-        try:
-            # Names first: folders that are not runs (data, shards) may hold thousands of files.
-            listing = tree.listdir(rel, stat=False)
-        except (PathNotFound, OSError):
-            continue
-        entries = {e.name: e for e in listing}
-        is_group = sweeps.SWEEP_FILE in entries
-        if not is_group and _has_run_marker(entries):
-            runs.append(RunDir(rel, {e.name: e for e in tree.with_stats(rel, listing)}))
-            continue
-        if is_group:
-            sweep = sweeps.read_sweep_file(tree, join_rel(rel, sweeps.SWEEP_FILE))
-            groups[rel] = Group(rel, sweep=sweep, child_values=sweeps.child_values(sweep))
-        # A directory with only spec.yaml is a run that has not logged yet, unless runs are found below it.
-        pending_run = SPEC_FILE in entries and not is_group
-        if depth < max_depth:
-            skip = SKIP_DIRS | set(EVAL_SUBDIRS) if pending_run else SKIP_DIRS
-            for e in sorted(listing):  # by name: names in a folder are unique
-                if e.is_dir and not e.name.startswith(".") and e.name not in skip:
-                    frontier.append((_child(rel, e.name), depth + 1))
-        if pending_run:
-            runs.append(RunDir(rel, {e.name: e for e in tree.with_stats(rel, listing)}))
+    level: list[tuple[str, int]] = [("", 0)]
+    while level:
+        listings = in_parallel(tree, lambda item: _names(tree, item[0]), level)
+        frontier: list[tuple[str, int]] = []
+        for (rel, depth), listing in zip(level, listings):
+            if listing is None:
+                continue
+            _visit(tree, rel, depth, listing, max_depth, runs, groups, frontier)
+        level = frontier
     # Parents are known only now: a run's group is its nearest ancestor that holds runs.
     holds_runs = {r.id.rsplit("/", i)[0] for r in runs for i in range(1, r.id.count("/") + 1)}
     if any(r.id for r in runs):
@@ -103,6 +111,28 @@ def discover(tree: RunTree, max_depth: int) -> tuple[list[RunDir], dict[str, Gro
             if parent:
                 groups.setdefault(parent, Group(parent)).runs.append(r.id)
     return runs, groups
+
+
+def _visit(tree: RunTree, rel: str, depth: int, listing: list[Entry], max_depth: int, runs: list[RunDir],
+           groups: dict[str, Group], frontier: list[tuple[str, int]]) -> None:
+    """Record folder `rel` as a run and/or group, and queue its subfolders in `frontier`."""
+    entries = {e.name: e for e in listing}
+    is_group = sweeps.SWEEP_FILE in entries
+    if not is_group and _has_run_marker(entries):
+        runs.append(RunDir(rel, {e.name: e for e in tree.with_stats(rel, listing)}))
+        return
+    if is_group:
+        sweep = sweeps.read_sweep_file(tree, join_rel(rel, sweeps.SWEEP_FILE))
+        groups[rel] = Group(rel, sweep=sweep, child_values=sweeps.child_values(sweep))
+    # A directory with only spec.yaml is a run that has not logged yet, unless runs are found below it.
+    pending_run = SPEC_FILE in entries and not is_group
+    if depth < max_depth:
+        skip = SKIP_DIRS | set(EVAL_SUBDIRS) if pending_run else SKIP_DIRS
+        for e in sorted(listing):  # by name: names in a folder are unique
+            if e.is_dir and not e.name.startswith(".") and e.name not in skip:
+                frontier.append((_child(rel, e.name), depth + 1))
+    if pending_run:
+        runs.append(RunDir(rel, {e.name: e for e in tree.with_stats(rel, listing)}))
 
 
 def _has_run_marker(entries: dict[str, Entry]) -> bool:
@@ -197,7 +227,8 @@ class RunIndex:
             with _no_gc():
                 runs, groups = discover(self.tree, self.spec.max_depth)
                 now = time.time()
-                rows = [self._row(r, groups, now) for r in runs]
+                # Each run's row reads only its own files and cache entry: rows can be built side by side.
+                rows = in_parallel(self.tree, lambda r: self._row(r, groups, now), runs)
             live = {r.id for r in runs}
             for stale in set(self._cache) - live:
                 del self._cache[stale]

@@ -11,6 +11,7 @@ faster through os.scandir than through fsspec's generic listing. Every other URL
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 from functools import partial
@@ -69,6 +70,9 @@ class RunTree:
     """The runs folder. Subclasses implement listing and reading; nothing here writes."""
 
     url: str
+    # Listings and reads that a scan may have in flight at once. Local reads are fast and CPU-bound: one at a
+    # time. An object store answers each request after a round trip: many at once.
+    parallel_requests: int = 1
 
     def listdir(self, rel: str, stat: bool = True) -> list[Entry]:
         """Entries of a folder; with `stat=False` files may come without size and time (cheaper locally)."""
@@ -179,6 +183,8 @@ class LocalTree(RunTree):
 class FsspecTree(RunTree):
     """Object stores and other fsspec filesystems: no symlinks, so a clean relative path stays inside."""
 
+    parallel_requests = 16
+
     def __init__(self, url: str):
         self.fs, root = fsspec.core.url_to_fs(url)
         self.root = root.rstrip("/")
@@ -206,10 +212,13 @@ class FsspecTree(RunTree):
         return out
 
     def read_bytes(self, rel: str, start: int = 0, size: int = -1) -> bytes:
-        with self.fs.open(self._abs(rel), "rb") as f:
-            if start:
-                f.seek(start)
-            return f.read()
+        # One ranged GET: opening a file object would first ask for the object's details (a second request).
+        try:
+            return self.fs.cat_file(self._abs(rel), start=start or None)
+        except OSError as e:
+            if start and e.errno == errno.EINVAL:  # S3 refuses a range that starts at or past the end
+                return b""
+            raise
 
     def check_inside(self, rel: str) -> None:
         if not self.fs.exists(self._abs(rel)):
