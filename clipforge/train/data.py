@@ -16,13 +16,14 @@ import io
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms as T
 
+from clipforge.train.item_chunks import Chunked, unchunked
 from clipforge.train.shards import RawSample, ReadStats, SampleKeys, iter_raw_samples
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 # The shard split is used when it keeps at least this share of what a per-sample split would use;
 # per-sample splits make every rank read every shard, which costs I/O on remote storage.
 _SHARD_SPLIT_MIN_EFFICIENCY = 0.9
+# Items per message from a loader process.
+_CHUNK_ITEMS = 16
 
 
 @dataclass(frozen=True)
@@ -315,22 +318,25 @@ def _keep_as_is(item):
     return item
 
 
-def sample_loader(dataset: IterableDataset, loader_workers: int, batch_size: int = 0) -> DataLoader:
+def sample_loader(dataset: IterableDataset, loader_workers: int, batch_size: int = 0) -> Iterable:
     """Single items from `loader_workers` processes (0: in this process); batching happens in `batches`.
 
-    The loader processes hold up to two of the consumer's batches (`batch_size` items each) decoded ahead,
-    together: prefetching counts single items here, and fewer than a batch would make every step wait for
-    the rest of its batch to be decoded (as open_clip's loader, which prefetches two whole batches, does not).
+    Loader processes send chunks of consecutive items, handed out one by one in the order that loading
+    item by item gives (see clipforge.train.item_chunks), and hold up to two of the consumer's batches
+    (`batch_size` items each) decoded ahead, together, as open_clip's loader does.
     """
-    per_loader = -(-2 * batch_size // loader_workers) if loader_workers > 0 else 0
-    return DataLoader(
-        dataset,
+    if loader_workers == 0:
+        return DataLoader(dataset, batch_size=None, num_workers=0, collate_fn=_keep_as_is)
+    chunk = min(_CHUNK_ITEMS, batch_size) if batch_size > 0 else _CHUNK_ITEMS
+    loader = DataLoader(
+        Chunked(dataset, chunk, tagged=getattr(dataset, "tag", False)),
         batch_size=None,
         num_workers=loader_workers,
         collate_fn=_keep_as_is,
-        prefetch_factor=max(8, per_loader) if loader_workers > 0 else None,
+        prefetch_factor=max(2, -(-2 * batch_size // (chunk * loader_workers))),
         persistent_workers=False,
     )
+    return unchunked(loader, loader_workers)
 
 
 @dataclass
