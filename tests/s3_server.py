@@ -64,3 +64,18 @@ def new_bucket(endpoint: str) -> str:
     name = f"clipforge-{uuid.uuid4().hex[:10]}"
     s3fs_for(endpoint).call_s3("create_bucket", Bucket=name)
     return name
+
+
+def use_s3_from_environment(mp, endpoint: str) -> None:
+    """Point every AWS client at `endpoint` through the environment only (as users configure S3), with no
+    profile, credentials file or instance metadata that could stand in for these settings. `mp`: a pytest
+    MonkeyPatch, which restores the environment afterwards."""
+    from clipforge.pipeline.remote_env import FORWARDED_VARIABLES
+
+    for name in FORWARDED_VARIABLES + ("AWS_PROFILE",):
+        mp.delenv(name, raising=False)
+    for name, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", KEY_ID),
+                        ("AWS_SECRET_ACCESS_KEY", SECRET), ("AWS_DEFAULT_REGION", REGION),
+                        ("AWS_CONFIG_FILE", "/nonexistent"), ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+                        ("AWS_EC2_METADATA_DISABLED", "true")):
+        mp.setenv(name, value)

@@ -10,12 +10,11 @@ import json
 
 import pytest
 
-from s3_server import KEY_ID, REGION, SECRET, new_bucket, s3fs_for  # noqa: E402
+from s3_server import new_bucket, s3fs_for, use_s3_from_environment  # noqa: E402
 from test_dashboard_api import Client, make_runs_folder, metric_lines, rows_by_id  # noqa: E402
 
 from clipforge.dashboard.server import start_in_thread
 from clipforge.dashboard.spec import DashboardSpec
-from clipforge.pipeline.remote_env import FORWARDED_VARIABLES
 
 # Columns that depend only on file contents (status and times follow upload times on S3).
 SAME_COLUMNS = ("name", "dir", "kind", "model", "trainable", "sweep", "swept", "error", "params", "gmacs",
@@ -24,13 +23,7 @@ SAME_COLUMNS = ("name", "dir", "kind", "model", "trainable", "sweep", "swept", "
 
 @pytest.fixture
 def aws_env(moto_endpoint, monkeypatch):
-    for name in FORWARDED_VARIABLES + ("AWS_PROFILE",):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in (("AWS_ENDPOINT_URL", moto_endpoint), ("AWS_ACCESS_KEY_ID", KEY_ID),
-                        ("AWS_SECRET_ACCESS_KEY", SECRET), ("AWS_DEFAULT_REGION", REGION),
-                        ("AWS_CONFIG_FILE", "/nonexistent"), ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
-                        ("AWS_EC2_METADATA_DISABLED", "true")):
-        monkeypatch.setenv(name, value)
+    use_s3_from_environment(monkeypatch, moto_endpoint)
     return moto_endpoint
 
 

@@ -19,13 +19,12 @@ from PIL import Image
 from pydantic import ValidationError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from s3_server import KEY_ID, REGION, SECRET, new_bucket, s3fs_for  # noqa: E402
+from s3_server import new_bucket, s3fs_for, use_s3_from_environment  # noqa: E402
 
 from clipforge.eval.datasets import load_retrieval_table, load_retrieval_webdataset  # noqa: E402
 from clipforge.eval.loading import load_task  # noqa: E402
 from clipforge.eval.runner import run_eval  # noqa: E402
 from clipforge.eval.spec import EvalSpec, RetrievalTask, ZeroShotTask  # noqa: E402
-from clipforge.pipeline.remote_env import FORWARDED_VARIABLES  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -108,17 +107,6 @@ def _tasks(prefix: str, name: str = "") -> list[dict]:
     ]
 
 
-def _aws_settings(mp: pytest.MonkeyPatch, endpoint: str) -> None:
-    """S3 settings in the environment only, set after Ray (and its workers) started: the job must hand them on."""
-    for name in FORWARDED_VARIABLES + ("AWS_PROFILE",):
-        mp.delenv(name, raising=False)
-    for name, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", KEY_ID),
-                        ("AWS_SECRET_ACCESS_KEY", SECRET), ("AWS_DEFAULT_REGION", REGION),
-                        ("AWS_CONFIG_FILE", "/nonexistent"), ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
-                        ("AWS_EC2_METADATA_DISABLED", "true")):
-        mp.setenv(name, value)
-
-
 @pytest.fixture(scope="module")
 def job(ray_local, moto_endpoint, data) -> dict:
     """One eval job over the data from local paths and, uploaded to S3, from s3:// paths, writing to S3.
@@ -128,7 +116,8 @@ def job(ray_local, moto_endpoint, data) -> dict:
     import s3fs
 
     with pytest.MonkeyPatch.context() as mp:
-        _aws_settings(mp, moto_endpoint)
+        # Set after Ray (and its workers) started: the job must hand them on.
+        use_s3_from_environment(mp, moto_endpoint)
         s3fs.S3FileSystem.clear_instance_cache()  # no filesystem made under other settings
         fs = s3fs_for(moto_endpoint)
         bucket = new_bucket(moto_endpoint)
