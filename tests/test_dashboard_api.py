@@ -162,9 +162,10 @@ def runs_folder(tmp_path) -> Path:
     return make_runs_folder(tmp_path)
 
 
-@pytest.fixture()
-def client(runs_folder):
-    spec = DashboardSpec(runs=str(runs_folder), port=0, estimate_compute=False, rescan_interval_s=0)
+@contextlib.contextmanager
+def serving(root: Path | str):
+    """A dashboard over `root` (a folder or fsspec URL) on a free loopback port, rescanning on every request."""
+    spec = DashboardSpec(runs=str(root), port=0, estimate_compute=False, rescan_interval_s=0)
     server, thread = start_in_thread(spec)
     try:
         yield Client(server.url)
@@ -172,6 +173,12 @@ def client(runs_folder):
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+@pytest.fixture()
+def client(runs_folder):
+    with serving(runs_folder) as c:
+        yield c
 
 
 def rows_by_id(client: Client) -> dict[str, dict]:
@@ -245,18 +252,6 @@ def test_row_follows_a_growing_and_a_rewritten_log(client, runs_folder):
     path.write_text("\n".join(metric_lines(2, evals={"ds/acc1": [0.3, 0.2]})) + "\n" + "x" * 200 + "\n")
     row = rows_by_id(client)["live"]
     assert row["evals"] == {"ds/acc1": 0.3} and row["step"] == 10
-
-
-@contextlib.contextmanager
-def serving(root: Path):
-    spec = DashboardSpec(runs=str(root), port=0, estimate_compute=False, rescan_interval_s=0)
-    server, thread = start_in_thread(spec)
-    try:
-        yield Client(server.url)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def long_log(lines: int, t0: float, awkward: bool) -> list[str]:
@@ -670,21 +665,16 @@ def test_fsspec_folder_is_listed_and_read(tmp_path):
     for path in local.rglob("*"):
         if path.is_file():
             fs.pipe(f"{base}/{path.relative_to(local).as_posix()}", path.read_bytes())
-    spec = DashboardSpec(runs=f"memory://{base}", port=0, estimate_compute=False, rescan_interval_s=0)
-    server, thread = start_in_thread(spec)
     try:
-        c = Client(server.url)
-        rows = rows_by_id(c)
-        assert set(rows) == {"a", "grp/b"}
-        assert rows["a"]["status"] == "finished" and rows["a"]["compute"] == 24.0
-        assert rows["a"]["evals"] == {"ds/acc1": 0.3} and rows["grp/b"]["sweep"] == "grp"
-        status, data = c.get("/api/run", id="a")
-        assert status == 200 and [r["step"] for r in data["records"]] == [5, 10, 15] and data["skipped_lines"] == 2
-        assert c.get("/api/run", id="../x")[0] == 403
+        with serving(f"memory://{base}") as c:
+            rows = rows_by_id(c)
+            assert set(rows) == {"a", "grp/b"}
+            assert rows["a"]["status"] == "finished" and rows["a"]["compute"] == 24.0
+            assert rows["a"]["evals"] == {"ds/acc1": 0.3} and rows["grp/b"]["sweep"] == "grp"
+            status, data = c.get("/api/run", id="a")
+            assert status == 200 and [r["step"] for r in data["records"]] == [5, 10, 15] and data["skipped_lines"] == 2
+            assert c.get("/api/run", id="../x")[0] == 403
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
         fs.rm(base, recursive=True)
 
 

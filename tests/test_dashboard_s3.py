@@ -11,9 +11,8 @@ import json
 import pytest
 
 from s3_server import new_bucket, s3fs_for, use_s3_from_environment  # noqa: E402
-from test_dashboard_api import Client, make_runs_folder, metric_lines, rows_by_id  # noqa: E402
+from test_dashboard_api import make_runs_folder, metric_lines, rows_by_id, serving  # noqa: E402
 
-from clipforge.dashboard.server import start_in_thread
 from clipforge.dashboard.spec import DashboardSpec
 
 # Columns that depend only on file contents (status and times follow upload times on S3).
@@ -27,39 +26,26 @@ def aws_env(moto_endpoint, monkeypatch):
     return moto_endpoint
 
 
-def _serve(runs: str):
-    server, thread = start_in_thread(DashboardSpec(runs=runs, port=0, estimate_compute=False, rescan_interval_s=0))
-    return server, thread, Client(server.url)
-
-
-def _stop(server, thread) -> None:
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
-
-
 def test_s3_runs_folder_lists_and_reads_what_the_same_local_folder_does(tmp_path, aws_env):
     local = make_runs_folder(tmp_path)
     fs = s3fs_for(aws_env)
     prefix = f"{new_bucket(aws_env)}/team/runs"
-    # Object stores have no links: the linked run and the link out of the folder stay local only.
+    # Object stores have no links: files and folders reached through one stay local only.
     for path in sorted(local.rglob("*")):
         if path.is_file() and not any(p.is_symlink() for p in [path, *path.parents]):
             fs.pipe(f"{prefix}/{path.relative_to(local).as_posix()}", path.read_bytes())
 
-    servers = {where: _serve(runs) for where, runs in (("local", str(local)), ("s3", f"s3://{prefix}"))}
-    try:
-        local_rows = rows_by_id(servers["local"][2])
-        s3_rows = rows_by_id(servers["s3"][2])
+    with serving(local) as on_disk, serving(f"s3://{prefix}") as c:
+        local_rows = rows_by_id(on_disk)
+        s3_rows = rows_by_id(c)
         assert set(s3_rows) == set(local_rows)
         for run_id, row in s3_rows.items():
             assert {k: row[k] for k in SAME_COLUMNS} == {k: local_rows[run_id][k] for k in SAME_COLUMNS}, run_id
         assert s3_rows["broken"]["status"] == "failed" and s3_rows["alpha"]["status"] == "finished"
 
-        c = servers["s3"][2]
         status, s3_run = c.get("/api/run", id="alpha")
         assert status == 200
-        assert s3_run["records"] == servers["local"][2].get("/api/run", id="alpha")[1]["records"]
+        assert s3_run["records"] == on_disk.get("/api/run", id="alpha")[1]["records"]
         assert s3_run["skipped_lines"] == 2
         assert c.get("/api/run", id="../outside")[0] == 403
 
@@ -73,9 +59,6 @@ def test_s3_runs_folder_lists_and_reads_what_the_same_local_folder_does(tmp_path
         # A new run appears without restarting the dashboard.
         fs.pipe(f"{prefix}/later/metrics.jsonl", ("\n".join(metric_lines(2)) + "\n").encode())
         assert rows_by_id(c)["later"]["step"] == 10
-    finally:
-        for server, thread, _ in servers.values():
-            _stop(server, thread)
 
 
 def test_a_scan_keeps_several_requests_in_flight_and_lists_what_one_at_a_time_does(tmp_path):

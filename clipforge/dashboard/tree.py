@@ -212,7 +212,8 @@ class FsspecTree(RunTree):
         return out
 
     def read_bytes(self, rel: str, start: int = 0, size: int = -1) -> bytes:
-        # One ranged GET: opening a file object would first ask for the object's details (a second request).
+        # One ranged GET, whatever the filesystem caches: opening a file object first looks up the object's
+        # details, a second request where no listing of its folder is cached (a run page's first read).
         try:
             return self.fs.cat_file(self._abs(rel), start=start or None)
         except OSError as e:
