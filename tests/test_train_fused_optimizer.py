@@ -13,7 +13,7 @@ import torch
 
 from clipforge.models import ModelSpec, create_model
 from clipforge.train.optim import build_optimizer
-from clipforge.train.parallelize import _with_kernel_flags_of, fused_adamw_of, parallelize
+from clipforge.train.parallelize import _with_kernel_flags_of, parallelize
 from train_fixtures import train_spec
 
 
@@ -89,11 +89,9 @@ def test_checkpoint_state_resumes_on_the_loading_runs_kernel(tmp_path):
     assert not any(g["fused"] for g in loop.param_groups)
 
 
-def test_optimizers_without_a_fused_kernel_are_kept(tmp_path):
+def test_the_bf16_state_optimizer_is_kept_when_the_fused_kernel_is_asked_for(tmp_path):
     from clipforge.models.optim import AdamWBF16State
 
     model = create_model(ModelSpec(name="tiny", trainable="all")).model
-    bf16_state = AdamWBF16State(model.parameters(), lr=1e-3)
-    assert fused_adamw_of(bf16_state) is bf16_state
-    sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
-    assert fused_adamw_of(sgd) is sgd
+    spec = _spec(tmp_path).optim.model_copy(update={"state_dtype": "bf16"})
+    assert type(build_optimizer(model, spec, fused=True)) is AdamWBF16State

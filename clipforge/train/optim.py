@@ -15,13 +15,20 @@ def _decays(name: str, param: nn.Parameter) -> bool:
     return param.ndim >= 2 and "logit_scale" not in name
 
 
-def build_optimizer(module: nn.Module, spec: OptimSpec, names: Iterable[str] | None = None) -> torch.optim.Optimizer:
+def build_optimizer(module: nn.Module, spec: OptimSpec, names: Iterable[str] | None = None,
+                    fused: bool = False) -> torch.optim.Optimizer:
     """AdamW over `names` (default: the parameters that require grad), in the module's parameter order.
 
     Weight decay applies to >=2-D weights only. A staged fine-tuning schedule passes every parameter that
     trains in some stage: parameters frozen in the current stage have no gradient, and AdamW leaves a
     parameter without gradient untouched (weight decay included), so one optimizer serves all stages.
     `spec.state_dtype: bf16` keeps the moments in bfloat16 (AdamWBF16State).
+
+    `fused`: torch's fused AdamW kernel, where torch has one for every parameter (the caller knows the
+    parameters are plain tensors of this process). On CPU torch.optim.AdamW otherwise loops over the parameters
+    with a dozen element-wise operations each; the fused kernel makes one pass: for the from-scratch MiniCLIP's
+    19 M parameters on one core, 0.15 s -> 0.02 s a step, some 7% of its training step. Same update rule
+    (results agree to rounding). The bf16-state optimizer has no fused kernel and ignores it.
     """
     wanted = None if names is None else set(names)
     decay, no_decay = [], []
@@ -36,7 +43,13 @@ def build_optimizer(module: nn.Module, spec: OptimSpec, names: Iterable[str] | N
         from clipforge.models.optim import AdamWBF16State
 
         return AdamWBF16State(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
+    hyper = {"lr": spec.lr, "betas": (spec.beta1, spec.beta2), "eps": spec.eps}
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, **hyper, fused=True)
+        except RuntimeError:  # a device or dtype without the fused kernel
+            pass
+    return torch.optim.AdamW(groups, **hyper)
 
 
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:

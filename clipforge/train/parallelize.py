@@ -37,7 +37,7 @@ _SCALARS_ATTR = "_clipforge_scalar_parameters"
 class Parallel:
     """A module wrapped for a strategy, with its optimizer. The base class is a single process (no wrapper).
 
-    `fused_adamw`: run AdamW on torch's fused kernel (see `fused_adamw_of`); only for parameters that are plain
+    `fused_adamw`: run AdamW on torch's fused kernel (see `build_optimizer`); only for parameters that are plain
     tensors of this process (not FSDP2's DTensors, nor an optimizer that DeepSpeed wraps).
     """
 
@@ -46,9 +46,7 @@ class Parallel:
         self.root = module  # the unwrapped trained module
         self.spec = spec
         self.device = device
-        self.optimizer = build_optimizer(module, spec.optim, names)
-        if fused_adamw:
-            self.optimizer = fused_adamw_of(self.optimizer)
+        self.optimizer = build_optimizer(module, spec.optim, names, fused=fused_adamw)
         self.scaler = precision.grad_scaler(spec.precision, device)
         self.module: nn.Module = module  # what forward runs through
 
@@ -380,25 +378,6 @@ def _scalar_states_as(module: nn.Module, names: list[str], state: dict, shape: t
 
 # Which implementation torch.optim runs; saved in every param group, but a property of this run, not of the state.
 _KERNEL_FLAGS = ("fused", "foreach")
-
-
-def fused_adamw_of(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The same AdamW (groups, hyper-parameters) on torch's fused kernel, where torch has one for every parameter.
-
-    On CPU, torch.optim.AdamW otherwise loops over the parameters with a dozen element-wise operations each;
-    the fused kernel makes one pass: for the from-scratch MiniCLIP's 19 M parameters on one core, 0.15 s ->
-    0.02 s a step, some 7% of its training step. The update rule is the same (results agree to rounding).
-    Built before any step, so there is no state to carry over; other optimizers are returned as they are.
-    """
-    if type(optimizer) is not torch.optim.AdamW or optimizer.state:
-        return optimizer
-    groups = [{**group, "foreach": None, "fused": True} for group in optimizer.param_groups]
-    d = optimizer.defaults
-    try:
-        return torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
-                                 amsgrad=d["amsgrad"], fused=True)
-    except RuntimeError:  # a device or dtype without the fused kernel
-        return optimizer
 
 
 def _with_kernel_flags_of(optimizer: torch.optim.Optimizer, state: dict) -> dict:
