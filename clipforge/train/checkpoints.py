@@ -2,8 +2,13 @@
 
 A checkpoint written at an epoch boundary is `epoch_NNNN` (NNNN epochs done); one written part-way
 through an epoch (`checkpoint.every_steps`, or a step budget ending mid-epoch) is `step_NNNNNNNN`.
-The format itself (files, meta.json written last) belongs to `clipforge.models.checkpoint`; meta.json
-here also holds the step counters, the data position, the spec and the last metrics line.
+The format itself (files, meta.json written last, file digests) belongs to `clipforge.models.checkpoint`;
+meta.json here also holds the step counters, the data position, the spec and the last metrics line.
+
+A checkpoint is damaged when a file is cut short, differs from the digest meta.json records for it, or
+holds non-finite model weights; a resume passes over damaged ones to the newest whole one. Checking
+digests reads the files in full, so a resume checks newest-first and stops at the first whole one, and
+pruning does not re-read the checkpoints this process wrote or already checked in full (see `prune`).
 """
 from __future__ import annotations
 
@@ -16,16 +21,21 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from clipforge.errors import UserError
 from clipforge.models.checkpoint import (
     EXTRA_FILE,
     META_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
     CheckpointError,
+    check_file,
     find_latest_checkpoint,
+    first_nonfinite,
     load_extra,
     load_meta,
+    load_model_state,
     load_optimizer_state,
+    recorded_files,
     save_checkpoint,
 )
 from clipforge.train.spec import TrainSpec
@@ -38,7 +48,15 @@ STEP_PREFIX = "step_"
 PREFIXES = (EPOCH_PREFIX, STEP_PREFIX)
 
 
-class ExistingRunError(ValueError):
+# Checkpoints this process knows to be whole: the ones it wrote (digests computed from the bytes written,
+# weights checked finite in memory) and the ones it verified in full, each with the `files` record meta.json
+# held then (None: written before digests were recorded). `prune` runs after every save and would otherwise
+# read every kept checkpoint in full each time; for these it repeats only the cheap checks (sizes, zip
+# directories). A resume never relies on this: `latest_valid` always reads.
+_known_whole: dict[str, dict | None] = {}
+
+
+class ExistingRunError(UserError, ValueError):
     """A fresh run was asked for in a run directory that already holds checkpoints."""
 
 
@@ -79,22 +97,67 @@ def _zip_problem(fs, path: str) -> str | None:
     return None
 
 
-def verify(path: str) -> str | None:
-    """What is wrong with the checkpoint at `path` (None if its meta.json parses and its files are whole)."""
-    fs, root = fsspec.core.url_to_fs(path)
-    root = root.rstrip("/")
-    try:
-        load_meta(path)
-    except CheckpointError as e:
-        return str(e)
-    for name in (MODEL_FILE, OPTIMIZER_FILE, EXTRA_FILE):
+def _structure_problem(fs, root: str, records: dict | None) -> str | None:
+    """What the cheap checks find wrong with the checkpoint's files (zip directories, sizes); reads no data."""
+    if records is None:  # written before digests were recorded: the files present are the checkpoint
+        names = [MODEL_FILE] + [n for n in (OPTIMIZER_FILE, EXTRA_FILE) if fs.exists(f"{root}/{n}")]
+    else:
+        names = list(records)
+    for name in names:
         file = f"{root}/{name}"
-        if name != MODEL_FILE and not fs.exists(file):
-            continue  # optional files
         problem = _zip_problem(fs, file)
         if problem:
             return f"{name}: {problem}"
+        if records is not None and (size := fs.size(file)) != records[name]["bytes"]:
+            return f"{name}: {size} bytes, but {META_FILE} records {records[name]['bytes']}"
     return None
+
+
+def _content_problem(path: str, records: dict | None) -> str | None:
+    """What reading the files finds wrong: digests that differ from meta.json's, model weights that are not
+    finite. Each file is read once; only the model is deserialised."""
+    try:
+        load_model_state(path)
+        for name in (records or {}):
+            if name != MODEL_FILE:
+                check_file(path, name)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def verify(path: str) -> str | None:
+    """What is wrong with the checkpoint at `path` (None if it is whole): meta.json parses, every file is a complete
+    torch file matching the digest meta.json records for it, the model weights are finite. Checkpoints written
+    before digests were recorded get the same checks bar the digests.
+
+    This reads the checkpoint in full (once): check newest-first and stop at the first whole one.
+    """
+    fs, root = fsspec.core.url_to_fs(path)
+    root = root.rstrip("/")
+    try:
+        records = recorded_files(path)
+    except CheckpointError as e:
+        return str(e)
+    problem = _structure_problem(fs, root, records) or _content_problem(path, records)
+    if problem is None:
+        _known_whole[path] = records
+    else:
+        _known_whole.pop(path, None)
+    return problem
+
+
+def _whole_for_pruning(path: str) -> bool:
+    """Whether `path` is whole, for `prune`: a checkpoint this process wrote or verified, whose meta.json still
+    records the same files, gets the cheap checks only; any other is verified in full."""
+    try:
+        records = recorded_files(path)
+    except CheckpointError:
+        return False
+    if path not in _known_whole or _known_whole[path] != records:
+        return verify(path) is None
+    fs, root = fsspec.core.url_to_fs(path)
+    return _structure_problem(fs, root.rstrip("/"), records) is None
 
 
 def complete(ckpt_root: str) -> list[tuple[int, str]]:
@@ -132,7 +195,9 @@ def _natural_key(name: str) -> list:
 
 
 def latest_valid(ckpt_root: str) -> str | None:
-    """The newest checkpoint whose files are whole; damaged newer ones are skipped with a warning."""
+    """The newest whole checkpoint (see `verify`); damaged newer ones (files cut short or differing from their
+    digests, non-finite weights) are skipped with a warning. Only the checkpoints down to the first whole one
+    are read."""
     for _, path in reversed(complete(ckpt_root)):
         problem = verify(path)
         if problem is None:
@@ -179,27 +244,47 @@ def save(spec: TrainSpec, model: torch.nn.Module, model_name: str, optimizer: to
     if scaler is not None:
         extra["grad_scaler"] = scaler.state_dict()
     name = checkpoint_name(progress.epoch, progress.step, meta.get("step_in_epoch", 0))
-    path = save_checkpoint(join(checkpoint_root(spec), name), model.state_dict(), meta,
+    model_state = model.state_dict()
+    path = save_checkpoint(join(checkpoint_root(spec), name), model_state, meta,
                            optimizer_state=optimizer.state_dict(), extra=extra)
+    _remember_written(path, model_state)
     prune(checkpoint_root(spec), spec.checkpoint.keep_last)
     log.info("saved checkpoint %s", path)
     return path
 
 
+def _remember_written(path: str, model_state: dict) -> None:
+    """Note a checkpoint just written as whole for `prune`, unless its weights are not finite (a resume will pass
+    over it: say so now)."""
+    bad = first_nonfinite(model_state)
+    if bad is not None:
+        _known_whole.pop(path, None)
+        log.warning("checkpoint %s holds non-finite weights (tensor %s): a resume will pass over it", path, bad)
+        return
+    _known_whole[path] = recorded_files(path)
+
+
 def prune(ckpt_root: str, keep_last: int) -> list[str]:
     """Keep the newest `keep_last` whole checkpoints; delete older ones, and damaged ones older than the newest
-    whole one (they can never be resumed from). Returns what was deleted.
+    whole one (they can never be resumed from). Returns what was deleted, oldest first.
 
+    Checked newest-first: once `keep_last` whole ones are found, the older ones are deleted without being read;
+    the checkpoints this process wrote or verified get the cheap checks only (see `_known_whole`).
     Directories without meta.json are left alone: they are not checkpoints, and may be in use.
     """
     fs, _ = fsspec.core.url_to_fs(ckpt_root)
-    found = [(path, verify(path) is None) for _, path in complete(ckpt_root)]
-    whole = [path for path, ok in found if ok]
-    kept = set(whole[-keep_last:])
-    newest_whole = max((i for i, (_, ok) in enumerate(found) if ok), default=-1)
-    doomed = [path for i, (path, ok) in enumerate(found) if path not in kept and (ok or i < newest_whole)]
+    doomed, whole = [], 0
+    for _, path in reversed(complete(ckpt_root)):
+        if whole >= keep_last:
+            doomed.append(path)
+        elif _whole_for_pruning(path):
+            whole += 1
+        elif whole:  # damaged, and older than a whole one
+            doomed.append(path)
+    doomed.reverse()
     for path in doomed:
         _, p = fsspec.core.url_to_fs(path)
+        _known_whole.pop(path, None)
         # meta.json first, so a deletion cut short leaves an incomplete directory, never a broken "complete" one.
         fs.rm(f"{p}/{META_FILE}")
         fs.rm(p, recursive=True)
