@@ -81,7 +81,7 @@ def run_clipforge(url_list: Path, out: Path) -> tuple[int, float]:
         "name": "bench",
         "input": {"path": str(url_list), "url_col": "url", "caption_col": "caption"},
         "output": {"path": str(out), "samples_per_shard": SHARD, "image_format": "jpg", "quality": 95},
-        "download": {"allow_private_networks": True, "threads_per_worker": THREADS, "timeout_s": 10, "retries": 0},
+        "download": {"allow_networks": ["127.0.0.0/8"], "threads_per_worker": THREADS, "timeout_s": 10, "retries": 0},
         "resize": {"size": IMAGE_SIZE, "mode": "border"},
         "scaling": {"workers": 2, "cpus_per_worker": 0.5},
     })

@@ -31,10 +31,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import clipforge  # noqa: E402,F401  (environment defaults)
 from bench_report import result_line, write_report  # noqa: E402
 from dashboard_list_runs import write_folder  # noqa: E402
 from s3_server import KEY_ID, REGION, SECRET, new_bucket, s3fs_for, start_moto, stop  # noqa: E402
+
+import clipforge  # noqa: E402,F401  (environment defaults)
 
 RESULTS = REPO / "benchmarks" / "results" / "dashboard_s3_runs.json"
 TARGET_SPEEDUP = 4.0

@@ -15,29 +15,20 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from clipforge.cli_errors import CommandGroup
+from clipforge.errors import SpecError
+
+app = typer.Typer(cls=CommandGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="clipforge: image-caption URL lists to trained and evaluated CLIP models.")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _load(spec_path: Path, overrides: list[str]):
-    from clipforge.cluster.specs import SpecError, load_spec
-
-    try:
-        return load_spec(spec_path, overrides)
-    except SpecError as e:
-        _fail(str(e))
 
 
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="Spec YAML file."),
              overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides.")) -> None:
     """Check a spec (types, required fields, unknown fields) without running anything."""
-    s = _load(spec, overrides or [])
+    from clipforge.cluster.specs import load_spec
+
+    s = load_spec(spec, overrides or [])
     typer.echo(f"ok: {spec} is a valid `{s.kind}` spec")
 
 
@@ -45,14 +36,11 @@ def validate(spec: Path = typer.Argument(..., help="Spec YAML file."),
 def run(spec: Path = typer.Argument(..., help="Spec YAML file."),
         overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides, e.g. optim.lr=1e-4.")) -> None:
     """Run a spec locally (joins RAY_ADDRESS or the spec's `ray.address` if set, else starts a local Ray)."""
-    s = _load(spec, overrides or [])
     from clipforge.cluster.dispatch import run_job
-    from clipforge.errors import UserError
+    from clipforge.cluster.specs import load_spec
 
-    try:
-        result = run_job(s)
-    except UserError as e:
-        _fail(str(e), code=1)
+    s = load_spec(spec, overrides or [])
+    result = run_job(s)
     if result is not None:
         typer.echo(json.dumps(result, indent=2, default=str)[:4000])
 
@@ -63,7 +51,7 @@ def schema(kind: str = typer.Argument(..., help="build | train | eval | sweep"))
     from clipforge.cluster.specs import KINDS
 
     if kind not in KINDS:
-        _fail(f"unknown kind {kind!r}; expected one of: {', '.join(KINDS)}")
+        raise SpecError(f"unknown kind {kind!r}; expected one of: {', '.join(KINDS)}")
     typer.echo(json.dumps(KINDS[kind].model_json_schema(), indent=2))
 
 
@@ -74,12 +62,8 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder (report
          ) -> None:
     """Build shards -> train -> evaluate on real offline data; writes OUT/report.json."""
     from clipforge.demo.run import DemoOptions, run_demo
-    from clipforge.errors import UserError
 
-    try:
-        report_path = run_demo(DemoOptions(out=out, data_cache=data_cache, tiny=tiny))
-    except UserError as e:
-        _fail(str(e), code=1)
+    report_path = run_demo(DemoOptions(out=out, data_cache=data_cache, tiny=tiny))
     typer.echo(f"report: {report_path}")
 
 

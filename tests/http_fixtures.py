@@ -9,7 +9,10 @@ Routes (all on http://127.0.0.1:PORT):
   /big?bytes=N&length=0|1         N bytes, with or without a Content-Length header
   /bomb?w=W&h=H                   a tiny PNG whose header claims WxH pixels
   /robots?tag=VALUE               an image with `X-Robots-Tag: VALUE`
-  /redirect?to=PATH&hops=K        K redirects, then PATH; /redirect-loop never ends
+  /redirect?to=PATH&hops=K        K redirects, then PATH (a path or an absolute URL); /redirect-loop never ends
+  /drip?every=S&bytes=N&for=T     headers at once, then a body of N bytes at one byte every S seconds
+  /drip-headers?every=S&for=T     a status line, then a header line one byte every S seconds, never finished
+                                  (both drips give up after T seconds, 30 by default, and close the connection)
 Every request is counted in `server.hits[path]`; `last_headers[path]` keeps its request headers and
 `client_ports` the client port of every connection seen.
 """
@@ -90,6 +93,20 @@ class _Handler(BaseHTTPRequestHandler):
                alpha: bool = False) -> None:
         self._send(200, encode_image(pattern_image(w, h, seed, alpha), ext), _MIME[ext], headers)
 
+    def _drip(self, head: bytes, slow: bytes, every: float, seconds: float) -> None:
+        """Send `head` at once, then `slow` one byte every `every` seconds for at most `seconds`, then hang up."""
+        self.close_connection = True
+        end = time.monotonic() + seconds
+        try:
+            self.wfile.write(head)
+            for i in range(len(slow)):
+                if time.monotonic() >= end:
+                    break
+                time.sleep(every)
+                self.wfile.write(slow[i:i + 1])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up: what a drip is there to test
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         parts = urlsplit(self.path)
         q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
@@ -129,6 +146,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(302, headers={"Location": nxt})
         elif path == "/redirect-loop":
             self._send(302, headers={"Location": "/redirect-loop"})
+        elif path == "/drip":
+            n = int(q.get("bytes", 1000))
+            head = (f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {n}\r\n"
+                    "Connection: close\r\n\r\n").encode()
+            self._drip(head, b"\xff" * n, float(q.get("every", 1)), float(q.get("for", 30)))
+        elif path == "/drip-headers":
+            self._drip(b"HTTP/1.1 200 OK\r\nX-Drip: ", b"a" * 100_000, float(q.get("every", 1)),
+                       float(q.get("for", 30)))
         else:
             self._send(404, b"no such route")
 
@@ -153,23 +178,41 @@ class _Server(ThreadingHTTPServer):
 
 
 class ImageServer:
-    """Context manager running the server on a background thread; `url(path)` builds absolute URLs."""
+    """Context manager running the server on a background thread; `url(path)` builds absolute URLs.
 
-    def __init__(self, host: str = "127.0.0.1"):
+    Subclasses may answer with their own `handler` (a `_Handler` subclass), which can read `server.delay`
+    (seconds given to the constructor), wait on `server.gate` (released at exit) and append to `server.stamps`.
+    """
+
+    handler: type = _Handler
+
+    def __init__(self, host: str = "127.0.0.1", delay: float = 0.0):
         self.host = host
+        self.delay = delay
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "ImageServer":
-        self._server = _Server()
-        self._thread = threading.Thread(target=self._server.serve_forever, name="image-server", daemon=True)
+        server = _Server()
+        server.RequestHandlerClass = self.handler
+        server.delay = self.delay
+        server.gate = threading.Event()
+        server.stamps = []
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name=f"{type(self).__name__}", daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         assert self._server is not None
+        self._server.gate.set()  # release handlers still waiting, so shutdown does not wait on them
         self._server.shutdown()
         self._server.server_close()
+
+    @property
+    def gate(self) -> threading.Event:
+        assert self._server is not None
+        return self._server.gate
 
     @property
     def port(self) -> int:

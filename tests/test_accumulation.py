@@ -1,9 +1,9 @@
 """accumulated_step: k micro-batches give the parameter gradients of one big batch (one process and DDP ranks)."""
 from __future__ import annotations
 
-
 import pytest
 import torch
+from dist_utils import run_distributed, two_heads_and_inputs
 from torch import nn
 
 import clipforge  # noqa: F401
@@ -11,7 +11,6 @@ from clipforge.models.accumulation import accumulated_step
 from clipforge.models.losses import ClipLoss
 from clipforge.models.losses_siglip import SigLipLoss
 from clipforge.models.losses_tiled import TiledClipLoss
-from dist_utils import run_distributed, two_heads_and_inputs
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from build_outputs import manifest_rows, tar_members, write_url_list  # noqa: E402
-from http_fixtures import ImageServer, _Handler, _Server  # noqa: E402
+from http_fixtures import ImageServer, _Handler  # noqa: E402
 
 from clipforge.pipeline.build import run_build  # noqa: E402
 from clipforge.pipeline.layout import OutputLayout  # noqa: E402
@@ -45,28 +44,12 @@ class _GatedHandler(_Handler):
 
 
 class SlowServer(ImageServer):
+    """The fixture routes answered after `delay` seconds, with `/gate` waiting for `gate`."""
+
+    handler = _GatedHandler
+
     def __init__(self, delay: float = 0.0):
-        super().__init__()
-        self.delay = delay
-
-    def __enter__(self) -> "SlowServer":
-        server = _Server()
-        server.RequestHandlerClass = _GatedHandler
-        server.delay = self.delay
-        server.gate = threading.Event()
-        server.stamps = []
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="slow-image-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.gate.set()  # release handlers still waiting, so shutdown does not wait on them
-        super().__exit__(*exc)
-
-    @property
-    def gate(self) -> threading.Event:
-        return self._server.gate
+        super().__init__(delay=delay)
 
 
 def spec_dict(inp: Path, out: Path, sps: int, **download) -> dict:
@@ -170,7 +153,7 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_build(ray_local, tmp
                                                                      "duplicate": 1}
     assert tar_members(out) == tar_members(reference)
     assert sorted(tar_members(out)) == sorted(r["key"] for r in got_manifest if r["status"] == "ok")
-    assert not [p for p in out.rglob(".*")], "temporary files were left behind"
+    assert not [p for p in out.rglob(".*.tmp-*")], "temporary files were left behind"
 
 
 def test_shard_killed_mid_write_leaves_no_visible_tar_and_is_rebuilt(tmp_path):
@@ -211,7 +194,7 @@ def test_shard_killed_mid_write_leaves_no_visible_tar_and_is_rebuilt(tmp_path):
         stats = run_build(BuildSpec.model_validate(raw), progress=False)
     assert stats["status_counts"] == {"ok": 2} and stats["shards_written"] == 1
     assert len(tar_members(out)) == 2
-    assert not [p for p in out.rglob(".*")], "the killed attempt's temporary tar was not cleaned up"
+    assert not [p for p in out.rglob(".*.tmp-*")], "the killed attempt's temporary tar was not cleaned up"
 
 
 def test_straggler_cutoff_finishes_shards_without_their_hanging_rows(ray_local, tmp_path):

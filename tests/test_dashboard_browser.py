@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_dashboard_api import make_runs_folder, metric_lines, write_run
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from s3_server import new_bucket, s3fs_for, use_s3_from_environment  # noqa: E402
 from test_dashboard_api import make_runs_folder, metric_lines, rows_by_id, serving  # noqa: E402
 

@@ -161,7 +161,7 @@ def test_run_eval_end_to_end(ray_local, data, bundle, tmp_path):
 
     assert [r["task"] for r in results] == ["retrieval", "zeroshot_classification"]
     names = sorted(p.name for p in storage.iterdir())
-    assert names == sorted(["results.json", "results.csv", "results.md", "eval_stats.json",
+    assert names == sorted([".clipforge-job.json", "results.json", "results.csv", "results.md", "eval_stats.json",
                             "wds_toy_untrained_tiny_en_retrieval.json",
                             "toyclasses_untrained_tiny_en_zeroshot_classification.json"])
     for r in results:

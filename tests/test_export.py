@@ -56,12 +56,8 @@ def tiny_export(tiny_checkpoint, tmp_path_factory):
 
 
 def _run_cli(args: list[str]):
-    import typer
+    from clipforge.cli import app
 
-    from clipforge.export.cli import register
-
-    app = typer.Typer()
-    register(app)
     return CliRunner().invoke(app, args)
 
 

@@ -10,14 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clipforge.cluster.kuberay import (
-    SPEC_ENV,
-    KubeRayError,
-    KubeRayOptions,
-    dns1123_name,
-    manifest_yaml,
-    render_rayjob,
-)
+from clipforge.cluster.kuberay import SPEC_ENV, KubeRayError, KubeRayOptions, dns1123_name, manifest_yaml, render_rayjob
 from clipforge.cluster.specs import load_spec, validate_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,8 +255,9 @@ def test_local_working_dir_is_refused(tmp_path):
 
 
 def _cli(*args, env=None):
-    from clipforge.cli import app
     from typer.main import get_command
+
+    from clipforge.cli import app
 
     wired = "render" in getattr(get_command(app), "commands", {})
     module = "clipforge" if wired else "clipforge.cluster.cli_cluster"

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_utils import run_distributed
 
 import clipforge  # noqa: F401
 from clipforge.models.losses import ClipLoss, create_loss
 from clipforge.models.losses_tiled import TiledClipLoss, tiled_cross_entropy
 from clipforge.models.spec import LossSpec
-from dist_utils import run_distributed
 
 torch.set_num_threads(1)
 DIM = 16

@@ -9,13 +9,7 @@ import torch
 import clipforge  # noqa: F401
 from clipforge.models import ModelConfigError, ModelSpec, create_model, head_parameter_names
 from clipforge.models.losses import ClipLoss
-from clipforge.models.regimes import (
-    apply_regime,
-    schedule_parameter_names,
-    stage_at,
-    tower_layout,
-    trainable_names,
-)
+from clipforge.models.regimes import apply_regime, schedule_parameter_names, stage_at, tower_layout, trainable_names
 from clipforge.models.registry import CONFIG_DIR
 from clipforge.models.spec import TowerRegime
 

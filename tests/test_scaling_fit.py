@@ -6,14 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from clipforge.dashboard.scaling import (
-    ScalingFitError,
-    compute_bin,
-    fit_power_law,
-    frontier,
-    student_t_cdf,
-    t_quantile,
-)
+from clipforge.dashboard.scaling import ScalingFitError, compute_bin, fit_power_law, frontier, student_t_cdf, t_quantile
 
 
 def synthetic_sweep(alpha: float, beta: float, seed: int, runs_per_bin: int = 6, decades=(14, 19),

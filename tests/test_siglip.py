@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_utils import open_clip_loss, run_distributed
 
 import clipforge  # noqa: F401
 from clipforge.models.losses import create_loss
 from clipforge.models.losses_siglip import SigLipLoss
 from clipforge.models.spec import LossSpec
-from dist_utils import open_clip_loss, run_distributed
 
 torch.set_num_threads(1)
 DIM = 16

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from spec_fixtures import TRAIN_YAML
 
 from clipforge.cluster.specs import SpecError, load_spec
-from spec_fixtures import TRAIN_YAML
 
 REPO = Path(__file__).resolve().parents[1]
 

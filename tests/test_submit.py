@@ -23,15 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ray_cluster import CLIENT_ENV, JOB_TIMEOUT_S, cli, free_port  # noqa: E402
 
 from clipforge.cluster.specs import load_spec  # noqa: E402
-from clipforge.cluster.submit import (  # noqa: E402
-    JOB_DIR,
-    ClusterError,
-    connect,
-    job_status,
-    resolve_address,
-    staged_job,
-)
-
+from clipforge.cluster.submit import JOB_DIR, ClusterError, connect, job_status, resolve_address, staged_job  # noqa: E402
 
 # ---------------------------------------------------------------- no cluster needed
 

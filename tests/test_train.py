@@ -25,7 +25,7 @@ from train_fixtures import picture, write_shards  # noqa: E402
 from clipforge.models import ModelSpec, create_model, head_parameter_names, load_model_state
 from clipforge.models.checkpoint import load_optimizer_state
 from clipforge.train.checkpoints import ExistingRunError
-from clipforge.train.data import RankSamples, Skipped, SkipCounter, batches, plan_split, steps_per_epoch
+from clipforge.train.data import RankSamples, SkipCounter, Skipped, batches, plan_split, steps_per_epoch
 from clipforge.train.loop import TrainingDiverged, train_worker
 from clipforge.train.optim import build_optimizer, lr_at
 from clipforge.train.runner import run_train

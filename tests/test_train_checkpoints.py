@@ -15,13 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from s3_server import KEY_ID, REGION, SECRET, new_bucket, s3fs_for  # noqa: E402
-from train_fixtures import (  # noqa: E402
-    read_lines,
-    step_lines,
-    train_spec,
-    truncate,
-    write_shards,
-)
+from train_fixtures import read_lines, step_lines, train_spec, truncate, write_shards  # noqa: E402
 
 from clipforge.models.checkpoint import load_extra, load_model_state, load_optimizer_state  # noqa: E402
 from clipforge.train import checkpoints  # noqa: E402

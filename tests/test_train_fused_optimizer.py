@@ -10,11 +10,11 @@ from __future__ import annotations
 import copy
 
 import torch
+from train_fixtures import train_spec
 
 from clipforge.models import ModelSpec, create_model
 from clipforge.train.optim import build_optimizer
 from clipforge.train.parallelize import _with_kernel_flags_of, parallelize
-from train_fixtures import train_spec
 
 
 def _spec(tmp_path):

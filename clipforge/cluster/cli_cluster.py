@@ -15,19 +15,15 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, NoReturn, Optional
+from typing import List, Optional
 
 import typer
 
-from clipforge.errors import UserError
+from clipforge.cli_errors import CommandGroup, fail
+from clipforge.errors import EXIT_INVALID, SpecError, UserError
 
 ADDRESS_HELP = "Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)."
 LOG_TAIL_LINES = 30
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _note(message: str) -> None:
@@ -35,21 +31,15 @@ def _note(message: str) -> None:
 
 
 def _load(spec_path: Path, overrides: list[str]):
-    from clipforge.cluster.specs import SpecError, load_spec
+    from clipforge.cluster.specs import load_spec
 
-    try:
-        return load_spec(spec_path, overrides)
-    except SpecError as e:
-        _fail(str(e), code=2)
+    return load_spec(spec_path, overrides)
 
 
 def _connect(address: str | None, timeout_s: float):
     from clipforge.cluster.submit import connect
 
-    try:
-        return connect(address, timeout_s)
-    except UserError as e:
-        _fail(str(e))
+    return connect(address, timeout_s)
 
 
 def _quiet_ray_client() -> None:
@@ -97,46 +87,44 @@ def submit(
     from clipforge.cluster.submit import check_runtime_env, follow_logs, submit_spec, wait_for_job
 
     if no_wait and follow:
-        _fail("--no-wait and --follow exclude each other", code=2)
+        fail("--no-wait and --follow exclude each other", code=EXIT_INVALID)
     s = _load(spec, overrides or [])
     try:
         check_runtime_env(s)
     except UserError as e:
-        _fail(f"{spec}: {e}", code=2)
+        raise SpecError(f"{spec}: {e}") from None
     if s.kind == "sweep":
         given = [flag for flag, on in (("--no-wait", no_wait), ("--follow", follow),
                                        ("--submission-id", submission_id)) if on]
         if given:
-            _fail(f"{given[0]} does not apply to a sweep: this command submits its children as they fit "
-                  "max_concurrent and follows them (read a child's logs with `clipforge jobs logs ID`)", code=2)
+            fail(f"{given[0]} does not apply to a sweep: this command submits its children as they fit "
+                 "max_concurrent and follows them (read a child's logs with `clipforge jobs logs ID`)",
+                 code=EXIT_INVALID)
     _quiet_ray_client()
     client = _connect(address, timeout_s)
     url = client.get_address()
     if s.kind == "sweep":
         _submit_sweep(client, s, working_dir, entrypoint_num_cpus, entrypoint_num_gpus)
         return
+    job_id = submit_spec(client, s, working_dir=working_dir, submission_id=submission_id,
+                         entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus)
+    typer.echo(job_id)
+    _note(f"submitted `{s.kind}` job {job_id} to {url}")
+    if no_wait:
+        _note(f"follow it with: clipforge jobs logs {job_id} --address {url} --follow")
+        return
     try:
-        job_id = submit_spec(client, s, working_dir=working_dir, submission_id=submission_id,
-                             entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus)
-        typer.echo(job_id)
-        _note(f"submitted `{s.kind}` job {job_id} to {url}")
-        if no_wait:
-            _note(f"follow it with: clipforge jobs logs {job_id} --address {url} --follow")
-            return
-        try:
-            if follow:
-                status = follow_logs(client, job_id, lambda chunk: (sys.stdout.write(chunk), sys.stdout.flush()))
-            else:
-                status = wait_for_job(client, job_id, on_status=lambda st: _note(f"{job_id}: {st}"))
-        except KeyboardInterrupt:
-            _note(f"\nstopped watching; job {job_id} keeps running (stop it: clipforge jobs stop {job_id} "
-                  f"--address {url})")
-            raise typer.Exit(130) from None
-        _note(f"job {job_id} {status}")
-        if status == "FAILED" and not follow:
-            _show_failure(client, job_id)
-    except UserError as e:
-        _fail(str(e))
+        if follow:
+            status = follow_logs(client, job_id, lambda chunk: (sys.stdout.write(chunk), sys.stdout.flush()))
+        else:
+            status = wait_for_job(client, job_id, on_status=lambda st: _note(f"{job_id}: {st}"))
+    except KeyboardInterrupt:
+        _note(f"\nstopped watching; job {job_id} keeps running (stop it: clipforge jobs stop {job_id} "
+              f"--address {url})")
+        raise typer.Exit(130) from None
+    _note(f"job {job_id} {status}")
+    if status == "FAILED" and not follow:
+        _show_failure(client, job_id)
     _exit_for(status)
 
 
@@ -153,8 +141,6 @@ def _submit_sweep(client, s, working_dir: Optional[Path], entrypoint_num_cpus: f
         _note("\nstopped watching; submitted children keep running. Submit the same sweep again to follow them "
               "(finished children are skipped)")
         raise typer.Exit(130) from None
-    except UserError as e:
-        _fail(str(e))
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -179,10 +165,7 @@ def jobs_list(address: Optional[str] = typer.Option(None, "--address", help=ADDR
 
     _quiet_ray_client()
     client = _connect(address, timeout_s)
-    try:
-        jobs = list_jobs(client)
-    except UserError as e:
-        _fail(str(e))
+    jobs = list_jobs(client)
     rows = [("SUBMISSION ID", "STATUS", "KIND", "NAME", "STARTED (UTC)", "DURATION")]
     for j in jobs:
         meta = j.metadata or {}
@@ -201,10 +184,7 @@ def jobs_status(job_id: str = typer.Argument(..., help="Submission id."),
 
     _quiet_ray_client()
     client = _connect(address, timeout_s)
-    try:
-        info = job_info(client, job_id)
-    except UserError as e:
-        _fail(str(e))
+    info = job_info(client, job_id)
     typer.echo(f"{job_id}: {info.status.value}")
     if info.message and info.message.strip():
         # The first line says what happened; Ray appends the log tail, which `jobs logs` shows in full.
@@ -220,17 +200,11 @@ def jobs_logs(job_id: str = typer.Argument(..., help="Submission id."),
 
     _quiet_ray_client()
     client = _connect(address, timeout_s)
-    try:
-        if follow:
-            try:
-                status = follow_logs(client, job_id, lambda chunk: (sys.stdout.write(chunk), sys.stdout.flush()))
-            except KeyboardInterrupt:
-                raise typer.Exit(130) from None
-            _note(f"job {job_id} {status}")
-        else:
-            typer.echo(job_logs(client, job_id), nl=False)
-    except UserError as e:
-        _fail(str(e))
+    if follow:
+        status = follow_logs(client, job_id, lambda chunk: (sys.stdout.write(chunk), sys.stdout.flush()))
+        _note(f"job {job_id} {status}")
+    else:
+        typer.echo(job_logs(client, job_id), nl=False)
 
 
 def jobs_stop(job_id: str = typer.Argument(..., help="Submission id."),
@@ -242,13 +216,10 @@ def jobs_stop(job_id: str = typer.Argument(..., help="Submission id."),
 
     _quiet_ray_client()
     client = _connect(address, timeout_s)
-    try:
-        status = stop_job(client, job_id, wait_s=wait_s)
-    except UserError as e:
-        _fail(str(e))
+    status = stop_job(client, job_id, wait_s=wait_s)
     typer.echo(f"{job_id}: {status}")
     if status not in TERMINAL:
-        _fail(f"job {job_id} is still {status} after {wait_s:g} s")
+        fail(f"job {job_id} is still {status} after {wait_s:g} s")
 
 
 def render_kuberay(
@@ -271,8 +242,8 @@ def render_kuberay(
 
     s = _load(spec, overrides or [])
     if s.kind == "sweep":
-        _fail(f"{spec}: a sweep is many jobs and has no single RayJob; run it with `clipforge submit` against the "
-              "cluster, or render its base spec", code=2)
+        raise SpecError(f"{spec}: a sweep is many jobs and has no single RayJob; run it with `clipforge submit` "
+                        "against the cluster, or render its base spec")
     given = {"image": image, "namespace": namespace, "head_cpus": head_cpus, "head_memory_gib": head_memory_gib,
              "memory_gib_per_cpu": memory_gib_per_cpu, "ttl_seconds_after_finished": ttl_seconds_after_finished,
              "backoff_limit": backoff_limit, "submission_mode": submission_mode}
@@ -280,30 +251,30 @@ def render_kuberay(
         options = KubeRayOptions(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         err = e.errors()[0]
-        _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", code=2)
+        fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", code=EXIT_INVALID)
     try:
         typer.echo(manifest_yaml(render_rayjob(s, options)), nl=False)
     except UserError as e:
-        _fail(f"{spec}: {e}", code=2)
+        raise SpecError(f"{spec}: {e}") from None
 
 
 def register(app: typer.Typer) -> None:
     """Add `submit`, `jobs ...` and `render ...` to the main `clipforge` app."""
     app.command("submit")(submit)
-    jobs = typer.Typer(no_args_is_help=True, help="Watch, read and stop jobs on a Ray cluster.")
+    jobs = typer.Typer(cls=CommandGroup, no_args_is_help=True, help="Watch, read and stop jobs on a Ray cluster.")
     jobs.command("list")(jobs_list)
     jobs.command("status")(jobs_status)
     jobs.command("logs")(jobs_logs)
     jobs.command("stop")(jobs_stop)
     app.add_typer(jobs, name="jobs")
-    render = typer.Typer(no_args_is_help=True, help="Render a spec as a manifest for another system.")
+    render = typer.Typer(cls=CommandGroup, no_args_is_help=True, help="Render a spec as a manifest for another system.")
     render.command("kuberay")(render_kuberay)
     app.add_typer(render, name="render")
 
 
 def main() -> None:
     """The cluster commands on their own (`python -m clipforge.cluster.cli_cluster ...`)."""
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    app = typer.Typer(cls=CommandGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="clipforge cluster commands.")
     register(app)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

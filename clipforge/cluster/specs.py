@@ -5,16 +5,18 @@ and every validation error is reported as `FILE:LINE: field a.b.c: message`.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple, Union
 
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
+from clipforge.cluster.spec_yaml import MAX_SPEC_BYTES, parse_scalar, parse_yaml
 from clipforge.cluster.sweep_spec import SweepSpec
+from clipforge.errors import SpecError
 from clipforge.eval.spec import EvalSpec
 from clipforge.pipeline.spec import BuildSpec
+from clipforge.specbase import USER_SPEC
 from clipforge.train.spec import TrainSpec
 
 JobSpec = Annotated[Union[BuildSpec, TrainSpec, EvalSpec, SweepSpec], Field(discriminator="kind")]
@@ -22,69 +24,8 @@ KINDS = {"build": BuildSpec, "train": TrainSpec, "eval": EvalSpec, "sweep": Swee
 _ADAPTER: TypeAdapter = TypeAdapter(JobSpec)
 
 
-class SpecError(ValueError):
-    """A spec that cannot be read or validated. The message names the file, line and field."""
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, line: int, key: Any):
-        super().__init__(line, key)
-        self.line, self.key = line, key
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys and remembers the line of every mapping key."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    out: dict = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in out:
-            raise _DuplicateKey(key_node.start_mark.line + 1, key)
-        out[key] = loader.construct_object(value_node, deep=deep)
-    return out
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
-    """Map each key path (as a tuple) to its 1-based line in the YAML text."""
-    lines: dict[tuple, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            path = prefix + (k.value,)
-            lines[path] = k.start_mark.line + 1
-            lines.update(_key_lines(v, path))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            lines[prefix + (i,)] = v.start_mark.line + 1
-            lines.update(_key_lines(v, prefix + (i,)))
-    return lines
-
-
-def parse_yaml(text: str, source: str = "<spec>") -> tuple[Any, dict[tuple, int]]:
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader derives from SafeLoader
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except _DuplicateKey as e:
-        raise SpecError(f"{source}:{e.line}: duplicate key `{e.key}`") from None
-    except yaml.constructor.ConstructorError as e:
-        mark = e.problem_mark
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise SpecError(f"{where}: YAML tag not allowed ({e.problem}); specs are plain data") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"{where}: invalid YAML: {problem}") from None
-    return data, (_key_lines(node) if node is not None else {})
-
-
-def _coerce_scalar(text: str) -> Any:
-    return yaml.safe_load(io.StringIO(text)) if text.strip() else ""
+def _coerce_scalar(text: str, item: str) -> Any:
+    return parse_scalar(text, f"override `{item}`")
 
 
 def set_field(data: dict, dotted: str, value: Any) -> None:
@@ -123,16 +64,29 @@ def set_field(data: dict, dotted: str, value: Any) -> None:
         cur[last] = value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (values parsed as YAML scalars) to a spec dict."""
+def _override_path(dotted: str) -> tuple:
+    return tuple(int(k) if k.isdigit() else k for k in dotted.strip().split("."))
+
+
+def apply_overrides(data: dict, overrides: list[str], lines: dict[tuple, Any] | None = None) -> dict:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a spec dict.
+
+    With `lines` (key path -> line), each overridden path is marked there with the override's own text, so a
+    validation error about it names the override instead of a line of the file that no longer holds the value.
+    """
     for item in overrides:
         if "=" not in item:
             raise SpecError(f"override `{item}`: expected FIELD=VALUE, e.g. optim.lr=1e-4")
         dotted, raw = item.split("=", 1)
         try:
-            set_field(data, dotted, _coerce_scalar(raw))
+            set_field(data, dotted, _coerce_scalar(raw, item))
         except ValueError as e:
             raise SpecError(f"override `{item}`: {e}") from None
+        if lines is not None:
+            path = _override_path(dotted)
+            for key in [k for k in lines if k[:len(path)] == path]:
+                del lines[key]
+            lines[path] = f"override `{item}`"
     return data
 
 
@@ -205,7 +159,7 @@ def error_items(err: ValidationError, data: Any = None) -> list[ErrorItem]:
     return items
 
 
-def line_of(path: tuple, lines: dict[tuple, int]) -> int | None:
+def line_of(path: tuple, lines: dict[tuple, Any]) -> int | str | None:
     """The line of the key at `path`, else of its nearest ancestor that has one."""
     for n in range(len(path), 0, -1):
         if path[:n] in lines:
@@ -213,7 +167,10 @@ def line_of(path: tuple, lines: dict[tuple, int]) -> int | None:
     return None
 
 
-def where(source: str, line: int | None) -> str:
+def where(source: str, line: int | str | None) -> str:
+    """`FILE:LINE`, or the override that set the value (see apply_overrides), or the file alone."""
+    if isinstance(line, str):
+        return line
     return f"{source}:{line}" if line else source
 
 
@@ -231,7 +188,7 @@ def validate_spec(data: Any, lines: dict[tuple, int] | None = None, source: str 
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a spec must be a YAML mapping with a `kind:` field, got {type(data).__name__}")
     try:
-        spec = _ADAPTER.validate_python(data)
+        spec = _ADAPTER.validate_python(data, context=USER_SPEC)
     except ValidationError as e:
         raise SpecError(_format_errors(e, lines or {}, source, data)) from None
     if spec.kind == "sweep":
@@ -247,13 +204,16 @@ def load_spec(path: str | Path, overrides: list[str] | None = None):
     p = Path(path)
     data, lines = read_spec_file(p)
     if overrides and isinstance(data, dict):
-        data = apply_overrides(data, overrides)
+        data = apply_overrides(data, overrides, lines)
     return validate_spec(data, lines, str(path), base_dir=p.parent)
 
 
 def read_spec_file(path: str | Path) -> tuple[Any, dict[tuple, int]]:
     """The parsed YAML of a spec file and the line of each key, or SpecError."""
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_SPEC_BYTES and Path(path).is_file():
+            raise SpecError(f"{path}: {size:,} bytes; a spec file may have at most {MAX_SPEC_BYTES:,}")
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"{path}: spec file not found") from None

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from clipforge.cluster.specs import KINDS, SpecError, error_items, line_of, read_spec_file, set_field, where
+from clipforge.specbase import USER_SPEC
 
 CHILD_KINDS = ("build", "train", "eval")
 # The field holding each kind's run directory (where its outputs go).
@@ -231,7 +232,7 @@ def expand_children(spec, lines: dict[tuple, int] | None = None, source: str = "
         set_field(data, RUN_DIR_FIELD[kind], join_path(root, name))
         data["name"] = f"{spec.name}-{name}"
         try:
-            children.append(Child(name, dict(values), KINDS[kind].model_validate(data)))
+            children.append(Child(name, dict(values), KINDS[kind].model_validate(data, context=USER_SPEC)))
         except ValidationError as e:
             for item in error_items(e, data):
                 field = next((f for f in swept if _related(item.path, item.msg, f)), None)

@@ -25,6 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from clipforge.cluster.specs import dump_spec
 from clipforge.cluster.sweep_children import Child, join_path, storage_root
+from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,14 @@ def finish_marker(child: Child) -> str:
 def has_finished(child: Child) -> bool:
     fs, p = fsspec.core.url_to_fs(finish_marker(child))
     return bool(_quietly(fs.exists, p))
+
+
+def claim_sweep_folder(spec, children: list[Child]) -> None:
+    """Make STORAGE this sweep's folder before anything is written (see clipforge.runtime.output_folder): it holds
+    sweep.json and one run directory per child."""
+    owner = OutputOwner("sweep", spec.name, "storage", own_names=(SWEEP_FILE, *(c.dir for c in children)),
+                        signature=(SWEEP_FILE,))
+    claim_output_folder(storage_root(spec.storage), owner, overwrite=spec.overwrite)
 
 
 class SweepRecord:

@@ -12,7 +12,7 @@ import os
 
 from clipforge.cluster.ray_runtime import ray_session
 from clipforge.cluster.sweep_children import Child, expand_children
-from clipforge.cluster.sweep_record import SweepRecord
+from clipforge.cluster.sweep_record import SweepRecord, claim_sweep_folder
 from clipforge.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ def run_sweep(spec) -> dict:
     """Run every child not finished yet; returns {sweep: sweep.json path, children: {dir: status}}.
     Raises SweepFailed (after all children have run) when any child failed."""
     children = expand_children(spec)
+    claim_sweep_folder(spec, children)
     record = SweepRecord(spec, children, mode="local")
     todo = []
     for c in children:

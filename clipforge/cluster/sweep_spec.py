@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
-from clipforge.specbase import RayInit, Spec
+from clipforge.specbase import OutputFolder, RayInit, Spec
 
 # Dotted field paths as `clipforge run SPEC a.b.c=value` takes them; list items by index (eval_tasks.0.dataset).
 FIELD_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*$")
@@ -39,7 +39,7 @@ class SweepSpec(Spec):
 
     kind: Literal["sweep"]
     name: str = Field("sweep", min_length=1, description="Sweep name; children are named `<name>-<child name>`.")
-    storage: str = Field(
+    storage: OutputFolder = Field(
         ..., min_length=1, description="Sweep folder (local or fsspec): sweep.json and one run directory per child, "
         "STORAGE/<child name>. With `clipforge submit` it must be a path the cluster's jobs can write (shared or "
         "remote storage).",
@@ -58,8 +58,13 @@ class SweepSpec(Spec):
         default_factory=dict, description="Field path -> value set in every child before its own values (e.g. a "
         "shorter schedule for a quick variant of a shared base spec).",
     )
+    overwrite: bool = Field(
+        False, description="Write into `storage` even if it holds files of something else; without it the folder "
+        "must be empty, missing, or this sweep's own earlier output (whose finished children are then skipped).",
+    )
     max_concurrent: int = Field(
-        1, ge=1, description="Children running at once: 1 runs them one after another in this process; more runs "
+        1, ge=1, le=1024,
+        description="Children running at once: 1 runs them one after another in this process; more runs "
         "them as Ray tasks (local) or as that many submitted jobs (`clipforge submit`).",
     )
     ray: RayInit = Field(default_factory=RayInit, description="Ray for children run locally.")

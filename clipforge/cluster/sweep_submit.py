@@ -15,7 +15,7 @@ from typing import Callable
 
 from clipforge.cluster.submit import ClusterError, job_info, job_logs, job_status, submit_spec
 from clipforge.cluster.sweep_children import Child, expand_children
-from clipforge.cluster.sweep_record import SweepRecord, finish_marker, has_finished
+from clipforge.cluster.sweep_record import SweepRecord, claim_sweep_folder, finish_marker, has_finished
 from clipforge.cluster.sweep_run import outcome
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ def submit_sweep(client, spec, *, working_dir: str | Path | None = None, entrypo
     """Submit and follow the children of a validated sweep; returns the summary of `sweep_run.outcome`,
     or raises SweepFailed once every child has ended when any did not finish."""
     children = expand_children(spec)
+    claim_sweep_folder(spec, children)
     record = SweepRecord(spec, children, mode="submit", address=client.get_address())
     follower = _Follower(client, record, on_status)
     queue = []

@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         """Serve the runs table, run pages, comparisons, scaling fits and a 'try it' page (read-only)."""
         from pydantic import ValidationError
 
+        from clipforge.cli_errors import fail
         from clipforge.dashboard.server import DashboardServer
         from clipforge.dashboard.spec import DashboardSpec
         from clipforge.dashboard.tree import PathNotFound
@@ -29,16 +30,13 @@ def register(app: typer.Typer) -> None:
             spec = DashboardSpec(runs=runs, host=host, port=port, max_depth=max_depth,
                                  estimate_compute=not no_compute_estimates, enable_try=not no_try)
         except ValidationError as e:
-            typer.echo(f"error: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", err=True)
-            raise typer.Exit(2) from None
+            fail(f"--{str(e.errors()[0]['loc'][0]).replace('_', '-')}: {e.errors()[0]['msg']}", code=2)
         try:
             server = DashboardServer(spec)
         except PathNotFound as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            fail(str(e), code=2)
         except OSError as e:
-            typer.echo(f"error: cannot listen on {host}:{port}: {e.strerror or e}", err=True)
-            raise typer.Exit(1) from None
+            fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
         typer.echo(f"clipforge dashboard for {server.dashboard.tree.url}: {server.url}/  (Ctrl-C stops)")
         try:
             server.serve_forever()

@@ -14,6 +14,7 @@ import yaml
 
 from clipforge.demo import specs as demo_specs
 from clipforge.demo.report import format_table, make_report, plot_losses, read_losses
+from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ def _spec(raw: dict, path: Path):
     return validate_spec(raw, source=str(path))
 
 
+# What the demo writes at the top of its folder.
+DEMO_ENTRIES = ("data", "lists", "shards", "specs", "eval", "train", "report.json", "loss.png")
+
+
 def run_demo(opts: DemoOptions) -> Path:
     from clipforge.cluster.ray_runtime import ray_session
     from clipforge.demo.data import prepare_demo_data, write_url_list
@@ -46,7 +51,10 @@ def run_demo(opts: DemoOptions) -> Path:
     t0 = time.time()
     size = demo_specs.TINY if opts.tiny else demo_specs.FULL
     out = opts.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    # A tiny and a full demo in one folder would resume each other's runs (different models): one owner per folder.
+    owner = OutputOwner("demo", "demo-tiny" if opts.tiny else "demo", "--out", own_names=DEMO_ENTRIES,
+                        signature=("specs",))
+    claim_output_folder(str(out), owner)
     timings: dict[str, float] = {}
 
     def stage(name: str):

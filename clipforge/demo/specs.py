@@ -39,8 +39,8 @@ def build_spec(name: str, url_list: Path, out: Path, size: DemoSize) -> dict:
         "name": name,
         "input": {"path": str(url_list), "url_col": "url", "caption_col": "caption", "extra_cols": ["source"]},
         "output": {"path": str(out), "samples_per_shard": size.samples_per_shard, "image_format": "jpg"},
-        # The demo's images are served from 127.0.0.1: private addresses must be allowed explicitly.
-        "download": {"allow_private_networks": True, "threads_per_worker": 16, "timeout_s": 10, "retries": 1},
+        # The demo's images are served from 127.0.0.1: loopback, and only loopback, is allowed explicitly.
+        "download": {"allow_networks": ["127.0.0.0/8"], "threads_per_worker": 16, "timeout_s": 10, "retries": 1},
         "resize": {"size": size.image_size, "mode": "border"},
         "scaling": {"workers": 2, "cpus_per_worker": 0.5},
     }

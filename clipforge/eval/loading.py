@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from clipforge.eval.datasets import load_labelled_source, load_retrieval_table, load_retrieval_webdataset
+from clipforge.eval.errors import EvalDataError
 from clipforge.eval.fingerprint import digest_items
 from clipforge.eval.spec import FewShotTask, LinearProbeTask, RetrievalTask, ZeroShotTask
 from clipforge.eval.templates import get_templates
@@ -94,4 +95,4 @@ def load_task(task) -> LoadedTask:
                               templates=get_templates(task.templates), n_classes=len(classnames))
         return _load_probe(task)
     except ValueError as e:
-        raise ValueError(f"task {task.dataset!r} ({task.task}): {e}") from None
+        raise EvalDataError(f"task {task.dataset!r} ({task.task}): {e}") from None

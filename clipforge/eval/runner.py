@@ -27,6 +27,7 @@ import torch
 from clipforge.cluster.ray_runtime import ray_session
 from clipforge.eval.cache import FeatureStore, cache_key
 from clipforge.eval.embed import embed_images
+from clipforge.eval.errors import EvalDataError
 from clipforge.eval.features import TowerView, tower_view
 from clipforge.eval.fingerprint import describe_transform, digest_array
 from clipforge.eval.loading import ImageSet, LoadedTask, load_task
@@ -34,7 +35,10 @@ from clipforge.eval.metrics import class_prompts, classifier_from_prompts, retri
 from clipforge.eval.probe import few_shot_probe, linear_probe
 from clipforge.eval.spec import EvalSpec, FewShotTask, LinearProbeTask, RetrievalTask
 from clipforge.eval.tables import to_csv, to_markdown
+from clipforge.models.checkpoint import resolve_checkpoint
 from clipforge.models.spec import ModelSpec
+from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
+from clipforge.runtime.storage_errors import storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +140,8 @@ class _ModelRun:
                  features: dict[str, _ImageFeatures]) -> tuple[torch.Tensor, _ImageFeatures]:
         got = features[self._image_key(image_set)]
         if len(got.kept) == 0:
-            raise ValueError(f"task {lt.task.dataset!r}: none of the {len(image_set.items)} images of "
-                             f"{image_set.name} could be decoded")
+            raise EvalDataError(f"task {lt.task.dataset!r}: none of the {len(image_set.items)} images of "
+                                f"{image_set.name} could be decoded")
         return self.view.project_images(got.features), got
 
 
@@ -180,7 +184,7 @@ def _probe(run: _ModelRun, lt: LoadedTask, features) -> dict:
                                      seed=task.seed, max_iter=task.max_iter)
             metrics["n_train_pool"] = len(y_train)
     except ValueError as e:
-        raise ValueError(f"task {task.dataset!r} ({task.task}): {e}") from None
+        raise EvalDataError(f"task {task.dataset!r} ({task.task}): {e}") from None
     metrics.update(n_classes=lt.n_classes, n_failed=train.n_failed + test.n_failed)
     return metrics
 
@@ -207,13 +211,43 @@ def _shown(metrics: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) and not math.isnan(v) else v) for k, v in metrics.items()}
 
 
+def output_owner(spec: EvalSpec) -> OutputOwner:
+    """This job as the owner of its storage folder: result JSON files, merged tables and stats."""
+    return OutputOwner("eval", spec.name, "storage", own_names=("*.json", "results.csv", "results.md"),
+                       signature=("results.json",))
+
+
+def _checkpoint_fields(spec: EvalSpec) -> list[tuple[str, ModelSpec]]:
+    """(spec field, model spec) of every model that loads a checkpoint, to check them before any work."""
+    if spec.models is None:
+        return [("model.checkpoint", spec.model)] if spec.model.checkpoint else []
+    return [(f"models.{i}.checkpoint", m) for i, m in enumerate(spec.models) if m.checkpoint]
+
+
+def task_source(task) -> str:
+    """The path a task reads, for messages."""
+    if isinstance(task, RetrievalTask):
+        return ", ".join(task.shards) if task.shards is not None else task.table
+    if isinstance(task, (LinearProbeTask, FewShotTask)):
+        return task.train.path if task.train.kind == "image_folder" else task.train.images
+    source = task.labelled_source()
+    return source.path if source.kind == "image_folder" else source.images
+
+
 def run_eval(spec: EvalSpec) -> list[dict]:
     """Run every task of `spec` for every model; write the result files into `spec.storage`; return the results."""
     # Read and check every task's data first: a bad folder fails the job before any model work.
-    loaded = [load_task(task) for task in spec.tasks]
-    store = FeatureStore(spec.cache)
+    loaded = []
+    for i, task in enumerate(spec.tasks):
+        with storage_errors(f"tasks.{i}", task_source(task)):
+            loaded.append(load_task(task))
+    for field, model_spec in _checkpoint_fields(spec):
+        with storage_errors(field, model_spec.checkpoint):
+            resolve_checkpoint(model_spec.checkpoint)
+    claim_output_folder(spec.storage, output_owner(spec), overwrite=spec.overwrite)
+    with storage_errors("cache", spec.cache or ""):
+        store = FeatureStore(spec.cache)
     fs, root = fsspec.core.url_to_fs(spec.storage)
-    fs.makedirs(root, exist_ok=True)
     results: list[dict] = []
     stats: list[dict] = []
     with contextlib.ExitStack() as stack:

@@ -5,10 +5,11 @@ import os
 import posixpath
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from clipforge.eval.templates import templates_problem
 from clipforge.models.spec import ModelSpec
-from clipforge.specbase import RayInit, Scaling, Spec
+from clipforge.specbase import OutputFolder, RayInit, Scaling, Spec, checking_user_spec
 
 
 class ImageFolderSource(Spec):
@@ -125,7 +126,8 @@ class ZeroShotTask(Spec):
         "(`images`, `labels`), with optional `max_per_class`. Give this or `image_folder`."
     )
     classnames: list[str] | None = Field(
-        None, description="Class names used in prompts, in sorted sub-folder order (default: the folder names); "
+        None, min_length=1,
+        description="Class names used in prompts, in sorted sub-folder order (default: the folder names); "
         "required for IDX files, in label order."
     )
     templates: list[str] | str = Field(
@@ -137,6 +139,14 @@ class ZeroShotTask(Spec):
     @classmethod
     def _infer_source_kind(cls, value):
         return infer_source_kind(value)
+
+    @field_validator("templates")
+    @classmethod
+    def _usable_templates(cls, value: list[str] | str, info: ValidationInfo) -> list[str] | str:
+        problem = templates_problem(value, read_files=checking_user_spec(info))
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "ZeroShotTask":
@@ -179,7 +189,7 @@ class _ProbeTask(Spec):
         description="L2 strengths swept on the validation split (loss = mean cross-entropy + wd/2 * |W|^2; "
         "sklearn's C = 1 / (wd * n_train)).",
     )
-    max_iter: int = Field(1000, ge=1, description="L-BFGS iterations per fit.")
+    max_iter: int = Field(1000, ge=1, le=1_000_000, description="L-BFGS iterations per fit.")
     seed: int = Field(0, description="Seed of the validation split (and of the few-shot samples).")
 
     @field_validator("train", "test", mode="before")
@@ -215,7 +225,8 @@ class FewShotTask(_ProbeTask):
         4, ge=1, description="Validation images per class for choosing the weight decay: min(k, val_shots) others "
         "from the same class, never among the k."
     )
-    repeats: int = Field(1, ge=1, description="Draws of the k-shot sample (seeds seed, seed+1, ...); metrics are "
+    repeats: int = Field(1, ge=1, le=1000,
+                         description="Draws of the k-shot sample (seeds seed, seed+1, ...); metrics are "
                          "averaged over them.")
 
     @field_validator("shots")
@@ -252,7 +263,14 @@ class EvalSpec(Spec):
 
     kind: Literal["eval"]
     name: str = Field("eval", description="Job name.")
-    storage: str = Field(..., description="Output folder for result JSON files and tables (local or fsspec).")
+    storage: OutputFolder = Field(
+        ..., description="Output folder for result JSON files and tables (local or fsspec)."
+    )
+    overwrite: bool = Field(
+        False, description="Write into `storage` even if it holds files of something else (another job, or not "
+        "clipforge at all): files of the same names are replaced, others are left alone. Without it the folder must "
+        "be empty, missing, or this job's own earlier output.",
+    )
     model: ModelSpec | None = Field(None, description="The model to evaluate (or give `models`).")
     model_label: str = Field("clipforge", description="Written as `pretrained` in CLIP_benchmark-style results.")
     models: list[SuiteModel] | None = Field(
@@ -260,8 +278,8 @@ class EvalSpec(Spec):
         "task (instead of `model`)."
     )
     tasks: list[JobTask] = Field(..., min_length=1)
-    batch_size: int = Field(64, ge=1, description="Images per embedding batch.")
-    cache: str | None = Field(
+    batch_size: int = Field(64, ge=1, le=65536, description="Images per embedding batch.")
+    cache: OutputFolder | None = Field(
         None,
         description="Folder (local or fsspec) of cached tower features, reused by later jobs: a model whose "
         "frozen towers match (e.g. after heads-only training) skips embedding. None: no cache across jobs.",

@@ -49,6 +49,19 @@ def _load_json(path: str):
         raise ValueError(f"template file {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
+def templates_problem(value: str | list[str], read_files: bool = True) -> str | None:
+    """Why a spec's `templates` value cannot work (None when it can), checked without any network access: a list
+    must hold `{c}` templates, a name must be a built-in set, and a local `.json` file must exist and hold templates
+    (with `read_files`; remote files are read when the job runs)."""
+    if isinstance(value, str) and value.endswith(".json") and ("://" in value or not read_files):
+        return None
+    try:
+        get_templates(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def get_templates(name_or_list: str | list[str] | dict[str, list[str]]) -> list[str] | dict[str, list[str]]:
     """Templates from a built-in set name (`openai_imagenet`, `fashion_mnist`, `simple`), a `.json`
     file path (local or fsspec), or an explicit list / class -> prompts mapping (validated, copied)."""

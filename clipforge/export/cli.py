@@ -11,16 +11,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, NoReturn, Optional
+from typing import List, Optional
 
 import typer
-
-from clipforge.errors import UserError
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _split_names(values: list[str] | None) -> list[str] | None:
@@ -43,11 +36,8 @@ def export(
     """Export a checkpoint's image and text towers as ONNX graphs (L2-normalised embeddings) and check them."""
     from clipforge.export.exporter import export_checkpoint
 
-    try:
-        result = export_checkpoint(checkpoint, out, model_name=model, fmt=fmt, int8=int8, opset=opset,
-                                   tolerance=tolerance, sample_images=sample_images)
-    except UserError as e:
-        _fail(str(e))
+    result = export_checkpoint(checkpoint, out, model_name=model, fmt=fmt, int8=int8, opset=opset,
+                               tolerance=tolerance, sample_images=sample_images)
     m = result.manifest
     fp32 = m.verification["fp32"]
     typer.echo(f"exported {m.model_name} to {result.directory} in {result.seconds:.1f} s")
@@ -74,12 +64,9 @@ def predict(
     from clipforge.export.predict import predict as run_predict
     from clipforge.export.preprocess import load_image
 
-    try:
-        img = load_image(image)
-        backend = load_backend(model, precision=precision, device=device, arch=arch)
-        predictions = run_predict(backend, img, captions)
-    except UserError as e:
-        _fail(str(e))
+    img = load_image(image)
+    backend = load_backend(model, precision=precision, device=device, arch=arch)
+    predictions = run_predict(backend, img, captions)
     if as_json:
         typer.echo(json.dumps({"model": str(model), "backend": describe(backend), "image": str(image),
                                "predictions": [p.__dict__ for p in predictions]}, indent=2))
@@ -107,12 +94,9 @@ def export_report(
     """Size, latency and zero-shot accuracy of fp32 PyTorch, fp32 ONNX and int8 ONNX, as Markdown and JSON."""
     from clipforge.export.report import REPORT_JSON, REPORT_MD, format_markdown, run_export_report
 
-    try:
-        report = run_export_report(checkpoint, fashion_dir, out, classnames=_split_names(classnames),
-                                   model_name=model, templates=templates, per_class=per_class, repeats=repeats,
-                                   threads=threads)
-    except UserError as e:
-        _fail(str(e))
+    report = run_export_report(checkpoint, fashion_dir, out, classnames=_split_names(classnames),
+                               model_name=model, templates=templates, per_class=per_class, repeats=repeats,
+                               threads=threads)
     typer.echo(format_markdown(report))
     typer.echo(f"report: {Path(out) / REPORT_MD}, {Path(out) / REPORT_JSON}")
 

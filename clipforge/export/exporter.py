@@ -17,6 +17,7 @@ import torch
 
 from clipforge.export.errors import ExportError, ExportVerificationError
 from clipforge.export.manifest import MANIFEST_FILE, ExportManifest, ImagePreprocess, Tower, write_manifest
+from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ def _samples(sample_images: str | Path | None):
     return images, list(SAMPLE_CAPTIONS)
 
 
+# What an export writes: graphs, export.json, tokenizer files (Hugging Face's save_pretrained or a CLIP BPE).
+EXPORT_ENTRIES = ("*.onnx", "*.json", "*.txt", "*.model", "merges*")
+
+
 def export_checkpoint(checkpoint: str, out: str | Path, model_name: str | None = None, fmt: str = "onnx",
                       int8: bool = False, opset: int = 17, tolerance: float = DEFAULT_TOLERANCE,
                       sample_images: str | Path | None = None) -> ExportResult:
@@ -78,7 +83,13 @@ def export_checkpoint(checkpoint: str, out: str | Path, model_name: str | None =
     from clipforge.export.tokenizer_export import save_tokenizer
     from clipforge.export.torch_backend import TorchClip, load_checkpoint_model
     from clipforge.export.torch_graphs import (
-        IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT, ImageEncoder, TextEncoder, export_graph,
+        IMAGE_INPUT,
+        IMAGE_OUTPUT,
+        TEXT_INPUT,
+        TEXT_OUTPUT,
+        ImageEncoder,
+        TextEncoder,
+        export_graph,
     )
     from clipforge.export.verify import compare_backends, failures
 
@@ -90,11 +101,11 @@ def export_checkpoint(checkpoint: str, out: str | Path, model_name: str | None =
         raise ExportError(f"tolerance must be positive, got {tolerance}")
     t0 = time.time()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    bundle, directory, _ = load_checkpoint_model(checkpoint, model_name)
+    claim_output_folder(str(out), OutputOwner("export", "export", "--out", own_names=EXPORT_ENTRIES,
+                                              signature=(MANIFEST_FILE,)))
     # A previous export in the same folder stops being valid as soon as its files are overwritten.
     (out / MANIFEST_FILE).unlink(missing_ok=True)
-
-    bundle, directory, _ = load_checkpoint_model(checkpoint, model_name)
     model = bundle.model
     images, captions = _samples(sample_images)
     torch_clip = TorchClip(bundle, device="cpu")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from clipforge.export.errors import ExportError
+from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def run_export_report(checkpoint: str, fashion_dir: str | Path, out: str | Path,
     from clipforge.export.onnx_runtime import OnnxClip
     from clipforge.export.torch_backend import TorchClip, load_checkpoint_model
     from clipforge.export.zeroshot import class_prompts, load_folder, zeroshot_logits, zeroshot_scores
+    from clipforge.models.checkpoint import resolve_checkpoint
 
     if threads < 1:
         raise ExportError(f"threads must be >= 1, got {threads}")
@@ -84,8 +86,10 @@ def run_export_report(checkpoint: str, fashion_dir: str | Path, out: str | Path,
     except ValueError as e:
         raise ExportError(str(e)) from None
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     data = load_folder(str(fashion_dir), classnames, per_class)
+    resolve_checkpoint(checkpoint)  # a missing checkpoint fails before the output folder is made
+    claim_output_folder(str(out), OutputOwner("export-report", "export-report", "--out",
+                                              own_names=("onnx", REPORT_JSON, REPORT_MD), signature=(REPORT_JSON,)))
     torch.set_num_threads(threads)
 
     exported = export_checkpoint(checkpoint, out / "onnx", model_name=model_name, int8=True)

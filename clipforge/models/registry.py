@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,36 @@ def read_config(name: str) -> tuple[str, dict[str, Any], str]:
             "not an open_clip architecture (see clipforge.models.list_models()) and not a path to a .json config"
         )
     return name, copy.deepcopy(cfg), f"open_clip:{name}"
+
+
+def _open_clip_config_names() -> set[str]:
+    """open_clip's architecture names, read from its config folder without importing it (a spec check must not
+    pay for importing torch)."""
+    try:
+        spec = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        return set()
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model_configs"
+    return {p.stem for p in folder.glob("*.json")}
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot name an architecture (None when it can): the checks of `read_config` that need no import,
+    so a spec is refused at validation instead of when the job builds its model."""
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return ("open_clip hub/local-dir names are not supported; give a clipforge config name, an open_clip "
+                "architecture name or a .json config, and the weights as model.checkpoint")
+    if _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            return f"model config file {path} not found"
+        return None
+    if (CONFIG_DIR / f"{name}.json").is_file() or name in _open_clip_config_names():
+        return None
+    return (f"unknown model {name!r}: not a clipforge config ({', '.join(clipforge_config_names())}), not an "
+            "open_clip architecture and not a path to a .json config")
 
 
 def _check_keys(found: dict, allowed: set[str], where: str) -> None:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
-from clipforge.specbase import Spec
+from clipforge.models.registry import model_name_problem
+from clipforge.specbase import Spec, checking_user_spec
 
 
 class TowerBlocks(Spec):
@@ -104,6 +105,14 @@ class ModelSpec(Spec):
         "that name hub towers); false builds the same architecture with random initialisation.",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _known_architecture(cls, name: str, info: ValidationInfo) -> str:
+        problem = model_name_problem(name) if checking_user_spec(info) else None
+        if problem:
+            raise ValueError(problem)
+        return name
+
     @field_validator("trainable", mode="before")
     @classmethod
     def _trainable_shape(cls, value):
@@ -148,5 +157,6 @@ class LossSpec(Spec):
     tile_size: int = Field(
         1024,
         ge=1,
+        le=65536,
         description="`clip_tiled`: rows and columns of the logit tiles held at once (memory ~ tile_size^2 floats).",
     )

@@ -9,12 +9,18 @@ near de-duplication, CLIP score) run after all shards are done (see `post_filter
 Remote outputs: `output.storage_options` travel with each task; AWS_* settings of the driver's
 environment are handed to the tasks as runtime_env variables (see `remote_env.py`). With
 `download.per_domain_rps`, one small actor holds the build's per-host token buckets.
+
+Lifecycle: a build ends with nothing of its own running. A private local Ray (no address given) is
+reaped when the driver ends, however it ends; shard tasks commit only while the driver lives, and a
+run first removes the temporary files an earlier, killed run left (see `lifecycle.py`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from tqdm import tqdm
 
@@ -23,20 +29,32 @@ from clipforge.pipeline.build_stats import build_stats, status_counts_by_shard, 
 from clipforge.pipeline.errors import BuildOutputError
 from clipforge.pipeline.inputs import UrlList
 from clipforge.pipeline.layout import OutputLayout, key_digits
-from clipforge.pipeline.post_filters import run_post_filters
+from clipforge.pipeline.lifecycle import (
+    DriverFence,
+    LocalRayReaper,
+    cluster_has_other_hosts,
+    start_lifeline_actor,
+    starts_private_ray,
+)
+from clipforge.pipeline.post_filters import run_post_filters, wanted
 from clipforge.pipeline.remote_env import forwarded_env
 from clipforge.pipeline.sample import SampleSettings
-from clipforge.pipeline.spec import BuildSpec
 from clipforge.pipeline.shard_task import ShardJob, ShardProgress, iter_build_shard
+from clipforge.pipeline.spec import BuildSpec
+from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
+from clipforge.runtime.storage_errors import storage_errors
 
 log = logging.getLogger(__name__)
+_HAS_PROC = sys.platform.startswith("linux")  # the reaper finds a Ray's processes in /proc
 
 
 class _Progress:
-    """Driver-side progress bar: rows done, ok, failed, images/s of this run."""
+    """Driver-side progress bar: rows done, ok, failed, images/s of this run while shards download; the
+    build's final counts (after the post-download filters, resumed shards included) at the end."""
 
     def __init__(self, total: int | None, name: str, enabled: bool):
         self.bar = tqdm(total=total, unit="row", desc=name, disable=not enabled, dynamic_ncols=True)
+        self.name = name
         self.t0 = time.time()
         self.ok = 0
         self.failed = 0
@@ -52,6 +70,17 @@ class _Progress:
     def skip(self, rows: int) -> None:
         self.skipped += rows
         self.bar.update(rows)
+
+    def filtering(self) -> None:
+        """The downloads are done; the counts shown stay those of before the filters until `finish`."""
+        self.bar.set_description(f"{self.name} (post-download filters)")
+
+    def finish(self, stats: dict[str, Any]) -> None:
+        """Show the counts of the finished build, as stats.json has them."""
+        self.bar.set_description(self.name, refresh=False)
+        self.bar.set_postfix(ok=stats["ok"], failed=stats["failed"], img_s=f"{stats['images_per_second']:.1f}",
+                             refresh=False)
+        self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
@@ -127,41 +156,77 @@ def _task_options(spec: BuildSpec, env: dict[str, str]) -> dict[str, Any]:
     return options
 
 
+# What a build writes at the top of its output folder (hidden names: temporary files of unfinished writes).
+OUTPUT_ENTRIES = ("[0-9]*.tar", "[0-9]*.parquet", "[0-9]*_stats.json", "manifest", "stats.json", ".*.tmp-*")
+
+
 def _open_output(spec: BuildSpec) -> tuple[OutputLayout, set[int]]:
+    """The output layout and the shards already complete there (none unless the folder holds this build's own
+    earlier output: a folder taken with `overwrite` is built afresh)."""
+    owner = OutputOwner("build", spec.name, "output.path", own_names=OUTPUT_ENTRIES, signature=("manifest",))
+    resumed = claim_output_folder(spec.output.path, owner, spec.output.overwrite, spec.output.storage_options)
     try:
         layout = OutputLayout(spec.output.path, spec.output.storage_options)
-        layout.make_dirs()
-        return layout, layout.completed_shards()
-    except (OSError, TypeError, ValueError, ImportError) as e:
+        with storage_errors("output.path", spec.output.path):
+            layout.make_dirs()
+            return layout, layout.completed_shards() if resumed else set()
+    except (TypeError, ValueError, ImportError) as e:
         raise BuildOutputError(f"output.path `{spec.output.path}`: cannot create or list it: {e}") from None
 
 
-def run_build(spec: BuildSpec, progress: bool = True) -> dict:
-    """Build the dataset described by `spec`; returns the stats also written to stats.json."""
-    t0 = time.time()
-    urls = UrlList(spec.input)  # fails fast on missing files/columns, before any Ray start-up
-    layout, done = _open_output(spec)
-    env = forwarded_env(layout.is_local)
-    settings = SampleSettings(spec.download, spec.resize, spec.filters, spec.output)
-    digits = key_digits(spec.output.samples_per_shard)
-    bar = _Progress(urls.count_rows(), spec.name, progress)
-    shards: list[int] = []
-    sched: _Scheduler | None = None
-    limiter_actor = None
+@contextlib.contextmanager
+def _start_reaper() -> Iterator[LocalRayReaper | None]:
     try:
-        with ray_session(spec.ray):
-            import ray
+        reaper = LocalRayReaper()
+    except OSError as e:  # the build still runs; only a killed driver may then leave Ray processes for a while
+        log.warning("cannot start the watchdog that ends the build's local Ray with it: %s", e)
+        yield None
+        return
+    with reaper:
+        yield reaper
 
-            limiter = None
-            if spec.download.per_domain_rps:
-                from clipforge.pipeline.ratelimit import start_shared_limiter
 
-                limiter, limiter_actor = start_shared_limiter(spec.download.per_domain_rps,
-                                                              spec.download.per_domain_burst)
-            task = ray.remote(iter_build_shard).options(**_task_options(spec, env))
-            sched = _Scheduler(task, limit=2 * spec.scaling.workers, progress=bar)
-            args = (ray.put(settings), layout.portable_url, digits, list(spec.input.extra_cols),
-                    layout.storage_options, limiter)
+@contextlib.contextmanager
+def _build_ray(cfg: Any) -> Iterator[None]:
+    """`ray_session`, and when it starts a private local Ray, a reaper that ends all of that Ray's
+    processes with this driver (see `lifecycle.py`; the processes started while marking are that Ray's)."""
+    with contextlib.ExitStack() as stack:
+        reaper = stack.enter_context(_start_reaper()) if starts_private_ray(cfg) and _HAS_PROC else None
+        with reaper.marking() if reaper else contextlib.nullcontext():
+            stack.enter_context(ray_session(cfg))
+        yield  # on the way out: ray.shutdown() first, then the reaper ends whatever is left
+
+
+@contextlib.contextmanager
+def _driver_fence() -> Iterator[DriverFence]:
+    """The fence shard tasks check before committing; with nodes on other hosts, backed by an actor."""
+    import ray
+
+    lifeline = start_lifeline_actor() if cluster_has_other_hosts() else None
+    try:
+        yield DriverFence.for_this_process(lifeline)
+    finally:
+        if lifeline is not None:
+            ray.kill(lifeline)  # the build is over: a task still running must not commit any more
+
+
+def _run_shards(spec: BuildSpec, urls: UrlList, layout: OutputLayout, done: set[int], settings: SampleSettings,
+                env: dict[str, str], bar: _Progress) -> tuple[list[int], set[int]]:
+    """Run every shard not done yet as a Ray task (Ray must be up); returns all shards and those written now."""
+    import ray
+
+    limiter = limiter_actor = None
+    if spec.download.per_domain_rps:
+        from clipforge.pipeline.ratelimit import start_shared_limiter
+
+        limiter, limiter_actor = start_shared_limiter(spec.download.per_domain_rps, spec.download.per_domain_burst)
+    task = ray.remote(iter_build_shard).options(**_task_options(spec, env))
+    sched = _Scheduler(task, limit=2 * spec.scaling.workers, progress=bar)
+    shards: list[int] = []
+    try:
+        with _driver_fence() as fence:
+            args = (ray.put(settings), layout.portable_url, key_digits(spec.output.samples_per_shard),
+                    list(spec.input.extra_cols), layout.storage_options, limiter, fence)
             try:
                 for job in urls.iter_shards(spec.output.samples_per_shard):
                     shards.append(job.shard)
@@ -173,18 +238,36 @@ def run_build(spec: BuildSpec, progress: bool = True) -> dict:
             except BaseException:
                 sched.cancel()  # while Ray is still up: a shared cluster must not keep working for nothing
                 raise
-            finally:
-                if limiter_actor is not None:
-                    ray.kill(limiter_actor)
-            bar.close()
+    finally:
+        if limiter_actor is not None:
+            ray.kill(limiter_actor)
+    return shards, sched.written
+
+
+def run_build(spec: BuildSpec, progress: bool = True) -> dict:
+    """Build the dataset described by `spec`; returns the stats also written to stats.json."""
+    t0 = time.time()
+    with storage_errors("input.path", spec.input.path):
+        urls = UrlList(spec.input)  # fails fast on missing files/columns, before any Ray start-up
+    layout, done = _open_output(spec)
+    with storage_errors("output.path", spec.output.path):
+        layout.remove_all_stale_temps()  # left by an earlier run killed in any phase; this one wrote nothing yet
+    env = forwarded_env(layout.is_local)
+    settings = SampleSettings(spec.download, spec.resize, spec.filters, spec.output)
+    bar = _Progress(urls.count_rows(), spec.name, progress)
+    try:
+        with _build_ray(spec.ray):
+            shards, written = _run_shards(spec, urls, layout, done, settings, env, bar)
+            if wanted(spec.filters):
+                bar.filtering()
             filtered = run_post_filters(layout, shards, spec.filters, spec.output.image_format, env)
+        counts = status_counts_by_shard(layout, shards)
+        extra = {"name": spec.name, "output": spec.output.path, **filtered,
+                 "malformed_input_lines": urls.malformed_lines}
+        stats = build_stats(counts, written, time.time() - t0, extra)
+        layout.write_json(layout.stats, stats)
+        bar.finish(stats)
     finally:
         bar.close()
-
-    counts = status_counts_by_shard(layout, shards)
-    extra = {"name": spec.name, "output": spec.output.path, **filtered,
-             "malformed_input_lines": urls.malformed_lines}
-    stats = build_stats(counts, sched.written if sched else set(), time.time() - t0, extra)
-    layout.write_json(layout.stats, stats)
     log.info("build %s -> %s\n%s", spec.name, spec.output.path, summary_table(stats))
     return stats

@@ -17,7 +17,7 @@ import math
 import os
 import re
 import uuid
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -143,17 +143,44 @@ class OutputLayout:
             for path in stale:
                 self.remove_quietly(path)
 
-    def _abort_stale_uploads(self, final: str) -> None:
+    def remove_all_stale_temps(self) -> None:
+        """Every temporary file (or unfinished upload) an earlier run of this build left, whatever it was
+        doing when it died: downloading or committing any shard, rewriting shards after the filters, or
+        writing stats.json. Call it before this run writes anything."""
+        if self.upload_atomic:
+            self._abort_stale_uploads(f"{self.root}/", prefix_only=True)
+            return
+        for pattern in (f"{self.root}/.[0-9]*.tmp-*", f"{self.root}/.stats.json.tmp-*",
+                        f"{self.manifest_dir}/.[0-9]*.tmp-*"):
+            try:
+                stale = self.fs.glob(pattern)
+            except FileNotFoundError:
+                continue
+            for path in stale:
+                self.remove_quietly(path)
+
+    def _abort_stale_uploads(self, final: str, prefix_only: bool = False) -> None:
+        """Abort the unfinished uploads to `final` (or, with `prefix_only`, to this build's files under it)."""
         # Best effort: an unfinished upload is invisible and harmless, it only costs storage until
         # the bucket's lifecycle rules drop it.
         try:
             bucket, key, _ = self.fs.split_path(final)
-            listing = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
-            for upload in listing.get("Uploads", []):
-                if upload.get("Key") == key:
-                    self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"])
-        except Exception:  # noqa: BLE001 - never fail a shard over housekeeping
+            for upload in self._multipart_uploads(bucket, key):
+                name = upload.get("Key", "")
+                ours = (_SHARD_FILE.match(name[len(key):]) is not None) if prefix_only else name == key
+                if ours:
+                    self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=name, UploadId=upload["UploadId"])
+        except Exception:  # noqa: BLE001 - never fail a build over housekeeping
             pass
+
+    def _multipart_uploads(self, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+        marker: dict[str, str] = {}
+        while True:
+            listing = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker)
+            yield from listing.get("Uploads", [])
+            if not listing.get("IsTruncated"):
+                return
+            marker = {"KeyMarker": listing["NextKeyMarker"], "UploadIdMarker": listing["NextUploadIdMarker"]}
 
     def write_bytes(self, final: str, data: bytes) -> None:
         if self.upload_atomic:

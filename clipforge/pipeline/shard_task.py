@@ -3,23 +3,30 @@
 `iter_build_shard` is the body of one Ray generator task: it yields small progress events while it
 works (so the driver's progress bar moves within a shard) and the shard summary last. It has no Ray
 dependency itself; `build_shard` runs it in-process.
+
+A shard whose driver is gone is never committed: with a `DriverFence` the task checks, at every
+progress tick and right before the commit, that the build's driver still runs (see `lifecycle.py`).
 """
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from clipforge.pipeline import status as st
-from clipforge.pipeline.fetch import Fetcher
+from clipforge.pipeline.fetch import Fetcher, FetchFailed
 from clipforge.pipeline.layout import OutputLayout
+from clipforge.pipeline.lifecycle import DriverFence, DriverGone
 from clipforge.pipeline.ratelimit import Limiter
 from clipforge.pipeline.sample import InputRow, RowOutcome, SampleSettings, process_row
 from clipforge.pipeline.shard_writer import ShardWriter
 
 PROGRESS_EVERY_S = 1.0
+FETCH_THREAD_PREFIX = "shard-fetch"
 
 
 @dataclass
@@ -37,19 +44,78 @@ class ShardProgress:
     ok: int
 
 
+class _FetchThreads:
+    """A fixed set of daemon threads running rows, and a stop flag for the rows a shard gives up on.
+
+    Not a ThreadPoolExecutor: the interpreter joins its threads at exit, so one download stuck in a
+    socket read would keep a finished worker process alive (and its connection open) until every
+    timeout and retry of that download had run out. These threads never hold the process, and once
+    `stop()` is called their downloads end at their next request (a retry or a redirect hop): the
+    fetcher asks `limiter` before every request, and it refuses from then on.
+    """
+
+    def __init__(self, count: int, limiter: Limiter | None):
+        self.stopped = threading.Event()
+        self._inner_limiter = limiter
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{FETCH_THREAD_PREFIX}-{i}", daemon=True)
+                         for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def limiter(self, host: str) -> None:
+        if self.stopped.is_set():
+            raise FetchFailed(st.SKIPPED_STRAGGLER, "the shard ended without this row")
+        if self._inner_limiter is not None:
+            self._inner_limiter(host)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def stop(self) -> None:
+        """Queued rows never start, running ones end at their next request, idle threads exit."""
+        self.stopped.set()
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if self.stopped.is_set():
+                future.cancel()
+                continue
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(e)
+
+
 def _straggler_allowance(settings: SampleSettings, rows: int) -> int:
     cut = settings.download.straggler
     return 0 if cut is None else max(1, math.floor(cut.max_remaining_fraction * rows))
 
 
+def _check_driver(fence: DriverFence | None, shard: int) -> None:
+    if fence is not None and not fence.driver_alive():
+        raise DriverGone(f"shard {shard}: the build's driver (pid {fence.pid}) has ended; the shard is not committed")
+
+
 def iter_build_shard(job: ShardJob, settings: SampleSettings, output_path: str, digits: int,
                      extra_cols: list[str], storage_options: dict[str, Any] | None = None,
-                     limiter: Limiter | None = None) -> Iterator[ShardProgress | dict[str, Any]]:
+                     limiter: Limiter | None = None,
+                     fence: DriverFence | None = None) -> Iterator[ShardProgress | dict[str, Any]]:
     """Process every row and commit the shard; yields ShardProgress events, then the summary dict.
 
     With `download.straggler` set, the shard commits without its last few rows (as
     `skipped_straggler`) once only that many are left and none has finished for `stuck_seconds`.
-    Their threads are abandoned, not joined: each ends by itself within its download deadline.
+    Their downloads are not waited for: they stop at their next request and never hold the process.
     """
     layout = OutputLayout(output_path, storage_options)
     writer = ShardWriter(layout, job.shard, settings.output.image_format, digits, extra_cols)
@@ -60,9 +126,9 @@ def iter_build_shard(job: ShardJob, settings: SampleSettings, output_path: str, 
     stuck_s = settings.download.straggler.stuck_seconds if allowance else None
     rows_since = ok_since = 0
     last = last_done = time.monotonic()
-    pool = ThreadPoolExecutor(threads, "fetch")
+    pool = _FetchThreads(threads, limiter)
     try:
-        with Fetcher(settings.download, limiter=limiter) as fetcher:
+        with Fetcher(settings.download, limiter=pool.limiter) as fetcher:
             todo = iter(enumerate(job.rows))
             submitted = 0
             pending: dict[Future, tuple[int, InputRow]] = {}
@@ -74,9 +140,9 @@ def iter_build_shard(job: ShardJob, settings: SampleSettings, output_path: str, 
                         break
                 if not pending:
                     break
-                timeout = None  # only a finished row can change anything...
+                timeout = PROGRESS_EVERY_S  # a finished row, the next progress tick...
                 if stuck_s is not None and submitted == len(job.rows) and len(pending) <= allowance:
-                    timeout = max(0.0, stuck_s - (time.monotonic() - last_done))  # ...or the cutoff moment
+                    timeout = min(timeout, max(0.0, stuck_s - (time.monotonic() - last_done)))  # ...or the cutoff
                 done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
                 for fut in done:
                     del pending[fut]
@@ -98,13 +164,16 @@ def iter_build_shard(job: ShardJob, settings: SampleSettings, output_path: str, 
                     pending.clear()
                     break
                 if now - last >= PROGRESS_EVERY_S:
-                    yield ShardProgress(job.shard, rows_since, ok_since)
-                    rows_since = ok_since = 0
+                    _check_driver(fence, job.shard)  # an orphaned task stops working, not only committing
+                    if rows_since:
+                        yield ShardProgress(job.shard, rows_since, ok_since)
+                        rows_since = ok_since = 0
                     last = now
-        pool.shutdown(wait=False, cancel_futures=True)
+            pool.stop()
+        _check_driver(fence, job.shard)
         summary = writer.commit()
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.stop()
         writer.discard()
         raise
     yield summary
@@ -112,10 +181,10 @@ def iter_build_shard(job: ShardJob, settings: SampleSettings, output_path: str, 
 
 def build_shard(job: ShardJob, settings: SampleSettings, output_path: str, digits: int,
                 extra_cols: list[str], storage_options: dict[str, Any] | None = None,
-                limiter: Limiter | None = None) -> dict[str, Any]:
+                limiter: Limiter | None = None, fence: DriverFence | None = None) -> dict[str, Any]:
     """Run one shard to completion in this process and return its summary."""
     result: dict[str, Any] = {}
-    for event in iter_build_shard(job, settings, output_path, digits, extra_cols, storage_options, limiter):
+    for event in iter_build_shard(job, settings, output_path, digits, extra_cols, storage_options, limiter, fence):
         if isinstance(event, dict):
             result = event
     return result

@@ -1,13 +1,12 @@
 """Typed spec of a dataset build (`kind: build`): URL list in, WebDataset shards + manifest out."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from clipforge.models.spec import ModelSpec
-from clipforge.specbase import RayInit, Scaling, Spec
-
+from clipforge.specbase import OutputFolder, RayInit, Scaling, Spec
 
 # Fields of each sample's .json and of the per-shard parquet that the builder fills in.
 RESERVED_SAMPLE_FIELDS = frozenset({
@@ -42,8 +41,13 @@ class InputSpec(Spec):
 
 
 class OutputSpec(Spec):
-    path: str = Field(..., description="Output folder for shards, manifest/ and stats.json (local or fsspec).")
-    samples_per_shard: int = Field(1000, ge=1, description="Rows of the input per output shard.")
+    path: OutputFolder = Field(..., description="Output folder for shards, manifest/ and stats.json (local or fsspec).")
+    overwrite: bool = Field(
+        False, description="Write into output.path even if it holds files of something else (another job, or not "
+        "clipforge at all): files of the same names are replaced, others are left alone. Without it the folder must "
+        "be empty, missing, or this build's own earlier output (which the build then resumes).",
+    )
+    samples_per_shard: int = Field(1000, ge=1, le=1_000_000, description="Rows of the input per output shard.")
     image_format: Literal["jpg", "png", "webp"] = Field("jpg", description="Encoding of the stored images.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
     storage_options: dict[str, Any] = Field(
@@ -64,21 +68,48 @@ class StragglerSpec(Spec):
     )
 
 
+def _network_text(text: str) -> str:
+    from clipforge.pipeline.netguard import parse_network  # ipaddress only; kept out of spec import time
+
+    return str(parse_network(text))
+
+
+# One `download.allow_networks` entry: checked on its own so that an error names it (`allow_networks.0`), stored
+# normalised (192.168.1.5 -> 192.168.1.5/32).
+NetworkText = Annotated[str, AfterValidator(_network_text)]
+
+
 class DownloadSpec(Spec):
-    threads_per_worker: int = Field(16, ge=1, description="Concurrent downloads in each worker process.")
+    threads_per_worker: int = Field(16, ge=1, le=1024, description="Concurrent downloads in each worker process.")
     timeout_s: float = Field(
-        10.0, gt=0, description="Seconds allowed for connecting and for each read; a whole attempt gets at most 4x."
+        10.0, gt=0,
+        description="Seconds allowed for connecting and for each read. A whole attempt (redirects, headers and "
+        "body) must end within 4x this, however slowly the server sends; past that it fails as `timeout`.",
     )
-    retries: int = Field(1, ge=0, description="Retries for transient failures (timeouts, 5xx, connection errors).")
+    retries: int = Field(
+        1, ge=0, le=100, description="Retries for transient failures (timeouts, 5xx, connection errors)."
+    )
     retry_backoff_s: float = Field(
         0.5,
         ge=0,
         description="First retry waits this long, each further one twice as long (a Retry-After up to 30 s wins).",
     )
-    max_bytes: int = Field(20_000_000, ge=1, description="Larger responses are refused as `too_large`.")
-    max_pixels: int = Field(89_478_485, ge=1, description="Images with more pixels are refused without decoding.")
+    max_bytes: int = Field(20_000_000, ge=1, le=1 << 31,
+                           description="Larger responses are refused as `too_large` (at most 2 GiB: bodies are held in "
+                           "memory).")
+    max_pixels: int = Field(89_478_485, ge=1, le=1 << 31,
+                            description="Images with more pixels are refused without decoding.")
     allow_private_networks: bool = Field(
-        False, description="Allow loopback/private/link-local addresses. Off by default: never fetch internal hosts."
+        False,
+        description="Allow loopback and private ranges (127.0.0.0/8, ::1, 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, "
+        "fc00::/7). Never opens link-local or cloud metadata addresses (169.254.169.254 ...): see allow_networks. "
+        "Off by default: never fetch internal hosts.",
+    )
+    allow_networks: list[NetworkText] = Field(
+        default_factory=list,
+        description="Non-public networks a build may fetch from, as CIDR ranges or addresses (10.20.0.0/16, "
+        "192.168.1.5). Link-local and cloud metadata addresses are reachable only through an entry that contains "
+        "them and is no wider than /16 (IPv4) or /10 (IPv6), e.g. 169.254.0.0/16.",
     )
     user_agent: str = Field("clipforge/0.1 (+https://github.com/clipforge)", description="HTTP User-Agent.")
     straggler: StragglerSpec | None = Field(
@@ -93,7 +124,7 @@ class DownloadSpec(Spec):
 
 
 class ResizeSpec(Spec):
-    size: int = Field(256, ge=1, description="Target side length in pixels.")
+    size: int = Field(256, ge=1, le=16384, description="Target side length in pixels (at most 16384).")
     mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = Field(
         "border", description="img2dataset's resize modes."
     )
@@ -109,9 +140,11 @@ class ClipScoreSpec(Spec):
     top_fraction: float | None = Field(
         None, gt=0, le=1, description="Keep this fraction of the scored pairs, highest scores first.",
     )
-    batch_size: int = Field(64, ge=1, description="Pairs per model call.")
-    workers: int = Field(2, ge=1, description="Scoring actors.")
-    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each actor reserves (fractional on small machines).")
+    batch_size: int = Field(64, ge=1, le=65536, description="Pairs per model call.")
+    workers: int = Field(2, ge=1, le=10_000, description="Scoring actors.")
+    cpus_per_worker: float = Field(
+        0.5, gt=0, le=1024, description="CPUs each actor reserves (fractional on small machines)."
+    )
 
     @model_validator(mode="after")
     def _one_rule_at_least(self) -> "ClipScoreSpec":
@@ -121,7 +154,7 @@ class ClipScoreSpec(Spec):
 
 
 class FilterSpec(Spec):
-    min_image_size: int = Field(0, ge=0, description="Drop images whose shorter side is below this (pixels).")
+    min_image_size: int = Field(0, ge=0, le=16384, description="Drop images whose shorter side is below this (pixels).")
     max_aspect_ratio: float | None = Field(None, gt=0, description="Drop images with long/short side above this.")
     min_caption_chars: int = Field(0, ge=0, description="Drop rows whose caption is shorter.")
     max_caption_chars: int | None = Field(None, ge=1, description="Drop rows whose caption is longer.")

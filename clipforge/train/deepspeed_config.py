@@ -9,13 +9,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from clipforge.errors import UserError
 from clipforge.train import precision
 from clipforge.train.spec import TrainSpec
 
 _NEVER_PRINT = 10 ** 12
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError, ValueError):
     """`parallel.deepspeed_config` conflicts with the spec."""
 
 

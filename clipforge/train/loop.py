@@ -4,8 +4,9 @@ The loop itself (`train_worker`) knows nothing about Ray: it gets its rank, devi
 function, and uses torch.distributed collectives only when a process group exists, so it also runs
 as a single plain process.
 
-Resume order (when STORAGE/checkpoints holds a complete checkpoint whose files are whole, and
-`resume` is on; a damaged newest checkpoint is passed over for the one before it):
+Resume order (when STORAGE/checkpoints holds a checkpoint that verifies -- files complete and matching
+the SHA-256 recorded in its meta.json, model weights finite -- and `resume` is on; damaged newer
+checkpoints are passed over, newest first, with a warning):
   1. read meta.json: global step, epochs completed, step within the current epoch, samples seen,
      skip counters and the number of earlier restarts; a run whose budget (optim.epochs, steps or
      samples) is already reached stops here;
@@ -41,6 +42,7 @@ from typing import Callable
 
 import torch
 
+from clipforge.errors import UserError
 from clipforge.models import create_model
 from clipforge.models.accumulation import accumulated_step
 from clipforge.models.losses import create_loss
@@ -60,7 +62,7 @@ from clipforge.train.tensorboard import TensorBoardLog, open_tensorboard
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
 
 

@@ -18,7 +18,11 @@ import time
 
 from clipforge.cluster.ray_runtime import ray_session
 from clipforge.cluster.specs import dump_spec
+from clipforge.errors import UserError
+from clipforge.models.checkpoint import resolve_checkpoint
 from clipforge.pipeline.remote_env import FORWARDED_VARIABLES
+from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
+from clipforge.runtime.storage_errors import storage_errors
 from clipforge.train.checkpoints import refuse_existing
 from clipforge.train.loop import train_loop_per_worker
 from clipforge.train.progress import MetricsProgress
@@ -29,8 +33,8 @@ from clipforge.train.storage import is_local, join, read_json, write_json, write
 log = logging.getLogger(__name__)
 
 
-class TrainingFailed(RuntimeError):
-    """A training worker raised; the message is the worker's own error."""
+class TrainingFailed(UserError, RuntimeError):
+    """A training worker raised; the message is the worker's own error (its traceback is in the worker's log)."""
 
 
 def _scaling_config(spec: TrainSpec):
@@ -87,6 +91,15 @@ def worker_env(spec: TrainSpec) -> dict[str, str]:
     return env
 
 
+# Everything a run writes at the top of its run directory (ray/: Ray Train's own state, local runs only).
+RUN_DIR_ENTRIES = ("checkpoints", "metrics.jsonl", "spec.yaml", "summary.json", "tensorboard", "workers", "ray")
+
+
+def output_owner(spec: TrainSpec) -> OutputOwner:
+    """This run as the owner of its run directory."""
+    return OutputOwner("train", spec.name, "storage", own_names=RUN_DIR_ENTRIES, signature=("spec.yaml", "checkpoints"))
+
+
 def run_train(spec: TrainSpec, progress: bool = True) -> dict:
     """Train as `spec` says; returns the run summary, also written to STORAGE/summary.json.
 
@@ -97,9 +110,13 @@ def run_train(spec: TrainSpec, progress: bool = True) -> dict:
 
     t0 = time.time()
     spec = with_absolute_paths(spec)
-    refuse_existing(spec)
     # Fail before any worker starts when a shard list names nothing (workers expand them again themselves).
     expand_sources(spec.data)
+    if spec.model.checkpoint:
+        with storage_errors("model.checkpoint", spec.model.checkpoint):
+            resolve_checkpoint(spec.model.checkpoint)
+    claim_output_folder(spec.storage, output_owner(spec), overwrite=spec.overwrite)
+    refuse_existing(spec)
     write_text(join(spec.storage, "spec.yaml"), dump_spec(spec))
     with contextlib.ExitStack() as stack:
         if is_local(spec.storage):

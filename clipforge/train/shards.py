@@ -13,12 +13,15 @@ from typing import Iterator
 
 import fsspec
 
+from clipforge.errors import UserError
+from clipforge.runtime.storage_errors import storage_errors
+
 log = logging.getLogger(__name__)
 
 _GLOB_CHARS = set("*?[")
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard list entry that names nothing readable."""
 
 
@@ -30,22 +33,27 @@ def expand_shards(patterns: list[str], where: str = "data.shards") -> list[str]:
     """
     urls: list[str] = []
     for pattern in patterns:
-        fs, path = fsspec.core.url_to_fs(pattern)
-        if any(c in path for c in _GLOB_CHARS):
-            found = [p for p in fs.glob(path) if not fs.isdir(p)]
-            if not found:
-                raise ShardError(f"{where}: glob `{pattern}` matches no files")
-        elif fs.isdir(path):
-            found = fs.glob(path.rstrip("/") + "/*.tar")
-            if not found:
-                raise ShardError(f"{where}: folder `{pattern}` holds no *.tar shards")
-        elif fs.exists(path):
-            found = [path]
-        else:
-            raise ShardError(f"{where}: `{pattern}` does not exist")
-        urls.extend(fs.unstrip_protocol(p) if _has_protocol(pattern) else p for p in sorted(found))
+        with storage_errors(where, pattern):
+            urls.extend(_expand_one(pattern, where))
     seen: set[str] = set()
     return [u for u in urls if not (u in seen or seen.add(u))]
+
+
+def _expand_one(pattern: str, where: str) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(pattern)
+    if any(c in path for c in _GLOB_CHARS):
+        found = [p for p in fs.glob(path) if not fs.isdir(p)]
+        if not found:
+            raise ShardError(f"{where}: glob `{pattern}` matches no files")
+    elif fs.isdir(path):
+        found = fs.glob(path.rstrip("/") + "/*.tar")
+        if not found:
+            raise ShardError(f"{where}: folder `{pattern}` holds no *.tar shards")
+    elif fs.exists(path):
+        found = [path]
+    else:
+        raise ShardError(f"{where}: `{pattern}` does not exist")
+    return [fs.unstrip_protocol(p) if _has_protocol(pattern) else p for p in sorted(found)]
 
 
 def source_field(index: int | None) -> str:

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from clipforge.errors import UserError
 from clipforge.models import ModelBundle, ProjectionHeads
 from clipforge.train.collectives import all_gather_object, all_min_int, broadcast_from_zero
 from clipforge.train.data import (
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
-class NotEnoughData(ValueError):
+class NotEnoughData(UserError, ValueError):
     """Some rank cannot fill a single local batch."""
 
 

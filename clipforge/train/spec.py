@@ -7,7 +7,7 @@ from pydantic import Field, field_validator, model_validator
 
 from clipforge.eval.spec import EvalTask
 from clipforge.models.spec import LossSpec, ModelSpec
-from clipforge.specbase import RayInit, Scaling, Spec
+from clipforge.specbase import OutputFolder, RayInit, Scaling, Spec
 
 
 class DataSource(Spec):
@@ -49,9 +49,9 @@ class TrainDataSpec(Spec):
         "a nominal pass (all sources' samples once). Without it every epoch reads each shard once."
     )
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
-    batch_size: int = Field(256, ge=1, description="Global batch size (split evenly across workers).")
-    loader_workers: int = Field(1, ge=0, description="DataLoader processes per training worker.")
-    shuffle_buffer: int = Field(1000, ge=0, description="Samples held for shuffling (0: no shuffling).")
+    batch_size: int = Field(256, ge=1, le=4_194_304, description="Global batch size (split evenly across workers).")
+    loader_workers: int = Field(1, ge=0, le=256, description="DataLoader processes per training worker.")
+    shuffle_buffer: int = Field(1000, ge=0, le=10_000_000, description="Samples held for shuffling (0: no shuffling).")
     image_key: str = Field("jpg;png;webp", description="Sample extensions tried for the image, in order.")
     text_key: str = Field("txt", description="Sample extension of the caption.")
 
@@ -153,12 +153,38 @@ class CheckpointSpec(Spec):
     keep_last: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted.")
 
 
+# Options that act under one strategy, precision mode or loss only, as (section, field, selector, values that use
+# it). A non-default value under another selector would silently do nothing, so it is refused. Compared with the
+# defaults rather than with the fields set: a spec dumped into a run directory (and sent to workers) sets them all.
+_ONLY_FOR = (
+    ("parallel", "fsdp_cpu_offload", "strategy", ("fsdp2",)),
+    ("parallel", "fsdp_reshard_after_forward", "strategy", ("fsdp2",)),
+    ("parallel", "zero_stage", "strategy", ("deepspeed",)),
+    ("parallel", "offload_optimizer", "strategy", ("deepspeed",)),
+    ("parallel", "deepspeed_config", "strategy", ("deepspeed",)),
+    ("precision", "reduce_dtype", "strategy", ("fsdp2",)),
+    ("precision", "init_scale", "precision.mode", ("amp_fp16",)),
+    ("loss", "tile_size", "loss.kind", ("clip_tiled",)),
+)
+
+
+def _selector(spec: "TrainSpec", name: str):
+    return {"strategy": spec.strategy, "precision.mode": spec.precision.mode, "loss.kind": spec.loss.kind}[name]
+
+
 class TrainSpec(Spec):
     """`kind: train` — contrastive training on Ray Train."""
 
     kind: Literal["train"]
     name: str = Field("train", description="Run name.")
-    storage: str = Field(..., description="Run directory (local or fsspec): checkpoints/, metrics.jsonl, spec.yaml.")
+    storage: OutputFolder = Field(
+        ..., description="Run directory (local or fsspec): checkpoints/, metrics.jsonl, spec.yaml."
+    )
+    overwrite: bool = Field(
+        False, description="Write into `storage` even if it holds files of something else (another job, or not "
+        "clipforge at all): files of the same names are replaced, others are left alone. Without it the folder must "
+        "be empty, missing, or this run's own earlier output (which `resume` then continues).",
+    )
     model: ModelSpec
     data: TrainDataSpec
     optim: OptimSpec = Field(default_factory=OptimSpec)
@@ -191,7 +217,9 @@ class TrainSpec(Spec):
         default_factory=list, description="Evaluation tasks (the eval job's task schema), run at the end of training "
         "and every `eval_every_steps`; results go to metrics.jsonl as `eval/<dataset>/<metric>`."
     )
-    eval_batch_size: int = Field(64, ge=1, description="Images per embedding batch in evaluations during training.")
+    eval_batch_size: int = Field(
+        64, ge=1, le=65536, description="Images per embedding batch in evaluations during training."
+    )
     tensorboard: bool = Field(True, description="Also write the metrics as TensorBoard events to STORAGE/tensorboard.")
     log_every_steps: int = Field(10, ge=1, description="Append a metrics line every N steps.")
     seed: int = Field(0, description="Seed for data order and initialisation.")
@@ -240,6 +268,18 @@ class TrainSpec(Spec):
         if self.strategy == "fsdp2" and self.optim.state_dtype == "bf16":
             raise ValueError("optim.state_dtype bf16 is not supported with strategy fsdp2 (its sharded parameters "
                              "are DTensors); use ddp or deepspeed, or state_dtype fp32")
+        return self
+
+    @model_validator(mode="after")
+    def _options_of_other_strategies(self) -> "TrainSpec":
+        for section, field, selector, users in _ONLY_FOR:
+            part = getattr(self, section)
+            value = getattr(part, field)
+            if value != type(part).model_fields[field].default and _selector(self, selector) not in users:
+                raise ValueError(
+                    f"{section}.{field} applies to {selector} {' or '.join(users)} only, and this spec's {selector} "
+                    f"is {_selector(self, selector)}: remove it or change {selector}"
+                )
         return self
 
     @model_validator(mode="after")

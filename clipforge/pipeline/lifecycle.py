@@ -1,0 +1,294 @@
+"""A build ends with nothing of its own running: a reaper for the private Ray it starts, a fence for commits.
+
+What Ray does by itself when the driver that started a local Ray (`ray_session` without an address)
+is killed with SIGKILL:
+- the GCS and the raylet die at once (Ray starts them with PR_SET_PDEATHSIG);
+- workers notice their raylet is gone and exit within 1-3 s, finishing (and committing) shards meanwhile;
+- the dashboard and runtime-env agents (children of the raylet, in the driver's process group) then try
+  to report the raylet's death to the dead GCS and live about 60 s more. A kill of the whole process
+  group takes them with it, but not the workers: each runs in a process group of its own.
+
+`LocalRayReaper` closes that gap. It starts a small watchdog process (in a session of its own, so a
+kill of the driver's process group does not reach it) holding the read end of a pipe whose only write
+end the driver holds. The kernel closes that end when the driver exits, however it exits; the watchdog
+then SIGKILLs every process of that Ray. It knows them by a token in their environment, which the
+driver sets only while Ray starts (the raylet hands its environment to the agents and workers it
+starts later), and, since a process that renames itself may overwrite what /proc shows of its
+environment, by descent from a marked process, followed every few seconds while the build runs. On a
+normal exit the driver closes the pipe itself after `ray.shutdown()` and waits for the watchdog, so
+nothing of the build outlives `run_build`.
+
+`DriverFence` keeps a shard task from committing once its driver is gone, in the seconds before Ray
+(or the reaper) ends it: on the driver's own host it compares the driver's pid and start time in
+/proc; elsewhere it asks a driver-owned actor, which Ray ends with its owner.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+TOKEN_VAR = "CLIPFORGE_LOCAL_RAY_TOKEN"
+_REAP_ROUNDS = 20  # kill, look again: a process may start while its parent is being killed
+_REAP_PAUSE_S = 0.05
+_FIRST_SCAN_S = 0.25  # the watchdog looks for new processes of its Ray after this, then ever more rarely
+_LAST_SCAN_EVERY_S = 2.0
+_WATCHDOG_EXIT_S = 10.0
+_LIFELINE_TIMEOUT_S = 30.0
+
+
+# -- the reaper of a private local Ray ---------------------------------------------------------------
+
+
+def starts_private_ray(cfg: Any) -> bool:
+    """Whether `ray_session(cfg)` will start a local Ray of its own (the same test as `ray_session` makes)."""
+    import ray
+
+    address = getattr(cfg, "address", None) if cfg is not None else None
+    return not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
+
+
+class LocalRayReaper:
+    """Context manager: every process started inside `marking()` ends when this driver ends, however it ends."""
+
+    def __init__(self) -> None:
+        self.token = uuid.uuid4().hex
+        read_end, self._lifeline = os.pipe()  # both non-inheritable: no other process holds the write end
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", __name__, self.token], stdin=read_end, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+        except BaseException:
+            os.close(self._lifeline)
+            raise
+        finally:
+            os.close(read_end)
+
+    @contextlib.contextmanager
+    def marking(self) -> Iterator[None]:
+        """Processes started in this block (and everything they start later) carry the token."""
+        previous = os.environ.get(TOKEN_VAR)
+        os.environ[TOKEN_VAR] = self.token
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(TOKEN_VAR, None)
+            else:
+                os.environ[TOKEN_VAR] = previous
+
+    def close(self) -> None:
+        """End whatever marked process is left and wait until that is done."""
+        if self._lifeline < 0:
+            return
+        os.close(self._lifeline)
+        self._lifeline = -1
+        try:
+            self._watchdog.wait(_WATCHDOG_EXIT_S)
+        except subprocess.TimeoutExpired:
+            self._watchdog.kill()
+            self._watchdog.wait()
+
+    def __enter__(self) -> "LocalRayReaper":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _parent_and_start(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks after boot) of live process `pid`; None if gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold anything
+    if fields[0] in ("Z", "X"):  # ended, only not reaped yet by its parent
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """{pid: (parent pid, start time)} of every live process."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            found = _parent_and_start(int(entry))
+            if found is not None:
+                table[int(entry)] = found
+    return table
+
+
+def _carries(pid: int, needle: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return needle in f.read().split(b"\0")
+    except OSError:  # gone meanwhile, or another user's
+        return False
+
+
+class _Tracker:
+    """The processes of one marked Ray: those carrying the token, and every descendant of theirs.
+
+    Descendants count too because a process that renames itself (Ray's agents call setproctitle) may
+    overwrite the memory /proc shows as its environment; their parent, the raylet, keeps the token.
+    """
+
+    def __init__(self, token: str):
+        self.needle = f"{TOKEN_VAR}={token}".encode()
+        self.seen: dict[tuple[int, int], bool] = {}  # (pid, start) -> carries the token (read once)
+        self.tracked: dict[int, int] = {}  # pid -> start
+
+    def scan(self) -> dict[int, tuple[int, int]]:
+        """Track the marked processes alive now and their descendants; returns the process table read."""
+        table = _process_table()
+        me = os.getpid()
+        children: dict[int, list[int]] = {}
+        for pid, (parent, _start) in table.items():
+            children.setdefault(parent, []).append(pid)
+        todo = [pid for pid, (_parent, start) in table.items()
+                if pid != me and (self.tracked.get(pid) == start or self._marked(pid, start))]
+        while todo:
+            pid = todo.pop()
+            if pid != me:
+                self.tracked[pid] = table[pid][1]
+                todo.extend(children.pop(pid, []))
+        return table
+
+    def _marked(self, pid: int, start: int) -> bool:
+        key = (pid, start)
+        if key not in self.seen:  # an environment is set once, at exec: read it once per process
+            self.seen[key] = _carries(pid, self.needle)
+        return self.seen[key]
+
+    def alive(self, table: dict[int, tuple[int, int]]) -> list[int]:
+        return [pid for pid, start in self.tracked.items() if table.get(pid, (0, -1))[1] == start]
+
+
+def end_tracked(tracker: _Tracker) -> None:
+    """SIGKILL every tracked process until none is left (a parent being killed may still start a child)."""
+    for _ in range(_REAP_ROUNDS):
+        pids = tracker.alive(tracker.scan())
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(_REAP_PAUSE_S)
+
+
+def _watch(token: str) -> None:
+    """The watchdog: follow the marked processes until the lifeline ends (EOF on stdin), then end them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the driver must not cut the cleanup
+    tracker = _Tracker(token)
+    lifeline = sys.stdin.fileno()
+    every = _FIRST_SCAN_S
+    while True:
+        ready, _, _ = select.select([lifeline], [], [], every)
+        if ready and not os.read(lifeline, 4096):
+            break
+        tracker.scan()
+        # Ray starts its daemons in the first seconds; after that, new processes are mostly workers,
+        # which keep the token where /proc shows it: scan more rarely (a scan reads every process's stat).
+        every = min(2 * every, _LAST_SCAN_EVERY_S)
+    end_tracked(tracker)
+
+
+# -- the commit fence ---------------------------------------------------------------------------------
+
+
+class DriverGone(RuntimeError):
+    """The build's driver has ended: a shard task must not make anything visible any more."""
+
+
+def _host_identity() -> str | None:
+    """This boot of this machine, and this pid namespace: where a pid means the same process.
+
+    None where /proc cannot tell (not Linux, or a /proc of another pid namespace than this process's).
+    """
+    try:
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return None
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    found = _parent_and_start(pid)
+    return None if found is None else found[1]
+
+
+class _DriverLifeline:
+    """A driver-owned actor: Ray ends it when its owner (the driver) ends."""
+
+    def alive(self) -> bool:
+        return True
+
+
+def start_lifeline_actor() -> Any:
+    """The actor that tells tasks on other hosts whether the driver lives (Ray must be up)."""
+    import ray
+
+    # No CPU reserved: it only answers pings, and must never wait behind the downloads for a CPU.
+    return ray.remote(_DriverLifeline).options(num_cpus=0, max_restarts=0).remote()
+
+
+def cluster_has_other_hosts() -> bool:
+    """Whether any live node of the cluster is not this driver's (tasks may then run out of its /proc's sight)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return any(node["Alive"] and node["NodeID"] != here for node in ray.nodes())
+
+
+@dataclass(frozen=True)
+class DriverFence:
+    """Travels with each shard task; `driver_alive()` says whether the build's driver still runs."""
+
+    host: str | None
+    pid: int
+    started: int | None
+    lifeline: Any = None  # a `_DriverLifeline` actor, for tasks on other hosts
+
+    @classmethod
+    def for_this_process(cls, lifeline: Any = None) -> "DriverFence":
+        pid = os.getpid()
+        host = _host_identity()
+        started = _start_ticks(pid) if host else None
+        return cls(host if started is not None else None, pid, started, lifeline)
+
+    def driver_alive(self) -> bool:
+        if self.host is not None and self.host == _host_identity():
+            return _start_ticks(self.pid) == self.started
+        if self.lifeline is None:
+            # Another host and no actor to ask (a node that joined after the build started): Ray itself
+            # ends the tasks of a job whose driver is gone, within moments.
+            return True
+        return _lifeline_answers(self.lifeline)
+
+
+def _lifeline_answers(lifeline: Any) -> bool:
+    import ray
+
+    try:
+        return ray.get(lifeline.alive.remote(), timeout=_LIFELINE_TIMEOUT_S)
+    except ray.exceptions.ActorDiedError:
+        return False
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+        return True  # slow or briefly unreachable is not dead; Ray ends the job's tasks if it is
+
+
+if __name__ == "__main__":
+    _watch(sys.argv[1])
