@@ -27,7 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-import clipforge  # noqa: F401  (offline / local-Ray environment defaults, before Ray or img2dataset load)
+from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults  # noqa: E402
+
+apply_entry_point_defaults()  # offline model hubs, local Ray settings, as the command line sets them
+apply_defaults({"NO_ALBUMENTATIONS_UPDATE": "1"})  # img2dataset's albumentations: no update check
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "build_throughput.json"
@@ -106,7 +109,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from clipforge.demo.data import prepare_demo_data, write_url_list
+    from clipforge.demo.offline_data import prepare_demo_data, write_url_list
 
     cores = os.cpu_count() or 1
     data = prepare_demo_data(cache_dir=REPO / "data" / "cache", out_dir=args.work / f"demo-{args.images}",

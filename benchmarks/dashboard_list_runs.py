@@ -27,14 +27,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import clipforge  # noqa: E402,F401  (environment defaults)
+from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults  # noqa: E402
+
+apply_entry_point_defaults()  # offline model hubs, local Ray settings, as the command line sets them
+apply_defaults({"NO_ALBUMENTATIONS_UPDATE": "1"})  # img2dataset's albumentations: no update check
 
 RESULTS = REPO / "benchmarks" / "results" / "dashboard_list_runs.json"
 TARGET_SECONDS = 1.0
 
 
 def write_folder(root: Path, runs: int, sweeps: int, per_sweep: int, lines: int) -> list[str]:
-    from clipforge.cluster.specs import dump_spec
+    from clipforge.runtime.run_dir import dump_spec
     from clipforge.train.spec import TrainSpec
 
     template = TrainSpec.model_validate({"kind": "train", "name": "x", "storage": "x", "model": {"name": "tiny"},

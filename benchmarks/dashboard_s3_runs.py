@@ -35,7 +35,10 @@ from bench_report import result_line, write_report  # noqa: E402
 from dashboard_list_runs import write_folder  # noqa: E402
 from s3_server import KEY_ID, REGION, SECRET, new_bucket, s3fs_for, start_moto, stop  # noqa: E402
 
-import clipforge  # noqa: E402,F401  (environment defaults)
+from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults  # noqa: E402
+
+apply_entry_point_defaults()  # offline model hubs, local Ray settings, as the command line sets them
+apply_defaults({"NO_ALBUMENTATIONS_UPDATE": "1"})  # img2dataset's albumentations: no update check
 
 RESULTS = REPO / "benchmarks" / "results" / "dashboard_s3_runs.json"
 TARGET_SPEEDUP = 4.0

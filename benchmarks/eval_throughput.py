@@ -32,7 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-import clipforge  # noqa: F401  (offline / local-Ray environment defaults, before Ray loads)
+from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults  # noqa: E402
+
+apply_entry_point_defaults()  # offline model hubs, local Ray settings, as the command line sets them
+apply_defaults({"NO_ALBUMENTATIONS_UPDATE": "1"})  # img2dataset's albumentations: no update check
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import result_line, write_report  # noqa: E402
@@ -48,7 +51,7 @@ CHUNK = 16
 def demo_image_paths(n: int, work: Path) -> list[str]:
     import pandas as pd
 
-    from clipforge.demo.data import prepare_demo_data
+    from clipforge.demo.offline_data import prepare_demo_data
 
     data = prepare_demo_data(cache_dir=REPO / "data" / "cache", out_dir=work / f"demo-eval-{n}", max_train=n, heldout=0,
                              fashion_per_class=0)
@@ -197,7 +200,7 @@ def demo_eval_timing(work: Path) -> dict | None:
     import yaml
 
     from clipforge.cluster.specs import validate_spec
-    from clipforge.eval.runner import STATS_FILE, run_eval
+    from clipforge.eval.evaluator import STATS_FILE, run_eval
 
     specs = REPO / "runs" / "demo" / "specs"
     if not (specs / "eval_trained.yaml").exists():

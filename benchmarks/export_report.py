@@ -20,7 +20,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import clipforge  # noqa: E402,F401  (offline environment defaults)
+from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults  # noqa: E402
+
+apply_entry_point_defaults()  # offline model hubs, local Ray settings, as the command line sets them
+apply_defaults({"NO_ALBUMENTATIONS_UPDATE": "1"})  # img2dataset's albumentations: no update check
 
 MODEL = "miniclip-effnet-minilm"
 SIZE_TARGET = 0.333
@@ -45,7 +48,7 @@ def fashion_folder(work: Path, per_class: int) -> Path:
     demo = REPO / "runs" / "demo" / "data" / "fashion"
     if demo.is_dir():
         return demo
-    from clipforge.demo.data import prepare_demo_data
+    from clipforge.demo.offline_data import prepare_demo_data
 
     data = prepare_demo_data(REPO / "data" / "cache", work / "data", max_train=200, heldout=40,
                              fashion_per_class=per_class)
@@ -62,7 +65,13 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from clipforge.demo.data_fashion import PROMPT_NAMES
-    from clipforge.export.report import REPORT_JSON, REPORT_MD, format_markdown, run_export_report, summary_numbers
+    from clipforge.export.export_report import (
+        REPORT_JSON,
+        REPORT_MD,
+        format_markdown,
+        run_export_report,
+        summary_numbers,
+    )
 
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoint, source = demo_checkpoint(args.work)

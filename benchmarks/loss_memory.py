@@ -82,8 +82,6 @@ def child(kind: str, batch: int, dim: int, tile: int, seed: int, threads: int, s
 
     import torch
 
-    import clipforge  # noqa: F401
-
     torch.set_num_threads(threads)
     loss_fn = _make_loss(kind, tile)
     warm = _features(256, dim, seed + 1)

@@ -21,7 +21,7 @@ TARGET = 0.5
 def _one_step_state(model, make_optimizer) -> tuple[int, float]:
     import torch
 
-    from clipforge.models.optim import state_bytes
+    from clipforge.models.adamw_bf16 import state_bytes
 
     opt = make_optimizer(p for p in model.parameters() if p.requires_grad)
     for p in model.parameters():
@@ -37,7 +37,7 @@ def _tracking(steps: int) -> dict:
     import torch
     from torch import nn
 
-    from clipforge.models.optim import AdamWBF16State
+    from clipforge.models.adamw_bf16 import AdamWBF16State
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 32, generator=g)
@@ -68,9 +68,8 @@ def main() -> None:
 
     import torch
 
-    import clipforge  # noqa: F401
     from clipforge.models import ModelSpec, create_model
-    from clipforge.models.optim import AdamWBF16State
+    from clipforge.models.adamw_bf16 import AdamWBF16State
 
     torch.set_num_threads(1)
     model = create_model(ModelSpec(name=args.model)).model

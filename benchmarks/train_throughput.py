@@ -14,7 +14,7 @@ hyper-parameters, a metrics line every step, no evaluation, one checkpoint at th
     open_clip   `torchrun --standalone --nproc_per_node 2 benchmarks/openclip_train_entry.py ...`
                 (`open_clip_train.main`; its venv needs webdataset<=0.2.86, so it lives apart, in
                 .cache/openclip-train-venv, created on first use and reused after)
-    clipforge   `clipforge.train.runner.run_train` (Ray Train, scaling.workers 2 x 1 CPU) on a Ray
+    clipforge   `clipforge.train.trainer.run_train` (Ray Train, scaling.workers 2 x 1 CPU) on a Ray
                 started once by this script, as in the demo and on a cluster
 Steady state: the first --warmup steps (model build, loader start-up, first allocations) are
 dropped and the next --steps are measured from each trainer's own per-step timings: open_clip's
@@ -40,7 +40,10 @@ import sys
 import time
 from pathlib import Path
 
-import clipforge  # noqa: F401  (offline / local-Ray environment defaults, before Ray loads)
+from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults  # noqa: E402
+
+apply_entry_point_defaults()  # offline model hubs, local Ray settings, as the command line sets them
+apply_defaults({"NO_ALBUMENTATIONS_UPDATE": "1"})  # img2dataset's albumentations: no update check
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import result_line, write_report  # noqa: E402
@@ -118,7 +121,7 @@ def bench_shards(work: Path, shards: int, per_shard: int) -> list[Path]:
     import pandas as pd
     import webdataset as wds
 
-    from clipforge.demo.data import prepare_demo_data
+    from clipforge.demo.offline_data import prepare_demo_data
     from clipforge.pipeline.imaging import ImageRejected, process_image
     from clipforge.pipeline.spec import FilterSpec, ResizeSpec
 
@@ -238,7 +241,7 @@ def clipforge_spec(run_dir: Path, shards: list[Path], model_cfg: Path, plan: dic
 
 
 def run_clipforge(run_dir: Path, shards: list[Path], model_cfg: Path, plan: dict) -> dict:
-    from clipforge.train.runner import run_train
+    from clipforge.train.trainer import run_train
 
     shutil.rmtree(run_dir, ignore_errors=True)
     spec = clipforge_spec(run_dir, shards, model_cfg, plan)

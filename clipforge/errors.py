@@ -2,7 +2,7 @@
 
 Every failure a user can cause is a `UserError` subclass whose message names the file, field, row or
 URL at fault and what to do. The command line turns them into one `error: ...` line and the exit code
-of the class (`clipforge/cli_errors.py` is the one place that does this); nothing else prints them.
+of the class (`clipforge/cli/errors.py` is the one place that does this); nothing else prints them.
 
 Exit codes of every `clipforge` command:
   0    success

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-import clipforge  # noqa: F401  (sets offline / local-Ray environment defaults)
+from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults
+
+# As the command line does: offline model hubs, local Ray settings; img2dataset (a reference tool in
+# tests) imports albumentations, which would otherwise look for updates online.
+apply_entry_point_defaults()
+apply_defaults({"NO_ALBUMENTATIONS_UPDATE": "1"})
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_CACHE = Path(os.environ.get("CLIPFORGE_DATA_CACHE", REPO / "data" / "cache"))

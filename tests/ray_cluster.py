@@ -34,15 +34,8 @@ def free_port() -> int:
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run the real command line in a fresh process (the main `clipforge` app once the cluster commands are
-    registered there, else the same commands on their own app)."""
-    from typer.main import get_command
-
-    from clipforge.cli import app
-
-    wired = "submit" in getattr(get_command(app), "commands", {})
-    module = "clipforge" if wired else "clipforge.cluster.cli_cluster"
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+    """Run the real command line in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "clipforge", *args], capture_output=True, text=True,
                           timeout=timeout, env=env or CLIENT_ENV, cwd=REPO)
 
 

@@ -70,7 +70,7 @@ def use_s3_from_environment(mp, endpoint: str) -> None:
     """Point every AWS client at `endpoint` through the environment only (as users configure S3), with no
     profile, credentials file or instance metadata that could stand in for these settings. `mp`: a pytest
     MonkeyPatch, which restores the environment afterwards."""
-    from clipforge.pipeline.remote_env import FORWARDED_VARIABLES
+    from clipforge.runtime.remote_env import FORWARDED_VARIABLES
 
     for name in FORWARDED_VARIABLES + ("AWS_PROFILE",):
         mp.delenv(name, raising=False)

@@ -6,7 +6,6 @@ import torch
 from dist_utils import run_distributed, two_heads_and_inputs
 from torch import nn
 
-import clipforge  # noqa: F401
 from clipforge.models.accumulation import accumulated_step
 from clipforge.models.losses import ClipLoss
 from clipforge.models.losses_siglip import SigLipLoss

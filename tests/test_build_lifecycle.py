@@ -28,9 +28,9 @@ from build_outputs import manifest_by_row, tar_members, write_url_list  # noqa: 
 from http_fixtures import ImageServer, _Handler  # noqa: E402
 
 from clipforge.pipeline.build import run_build  # noqa: E402
+from clipforge.pipeline.driver_fence import DriverFence, DriverGone, start_lifeline_actor  # noqa: E402
 from clipforge.pipeline.inputs import UrlList  # noqa: E402
 from clipforge.pipeline.layout import OutputLayout, key_digits  # noqa: E402
-from clipforge.pipeline.lifecycle import DriverFence, DriverGone, start_lifeline_actor  # noqa: E402
 from clipforge.pipeline.sample import SampleSettings  # noqa: E402
 from clipforge.pipeline.shard_task import FETCH_THREAD_PREFIX, build_shard  # noqa: E402
 from clipforge.pipeline.spec import BuildSpec  # noqa: E402
@@ -245,7 +245,7 @@ def test_a_killed_driver_leaves_no_process_and_no_later_commit(how, ray_local, t
 
 _DRIVER = """
 import subprocess, sys, time
-from clipforge.pipeline.lifecycle import LocalRayReaper
+from clipforge.runtime.local_ray_reaper import LocalRayReaper
 
 reaper = LocalRayReaper()
 with reaper.marking():
@@ -410,7 +410,7 @@ def test_an_abandoned_straggler_stops_downloading_and_never_holds_the_process(tm
 
 def test_a_shard_whose_driver_is_gone_is_not_committed(tmp_path):
     ended = subprocess.run(
-        [sys.executable, "-c", ("from clipforge.pipeline.lifecycle import DriverFence as F; "
+        [sys.executable, "-c", ("from clipforge.pipeline.driver_fence import DriverFence as F; "
                                 "f = F.for_this_process(); print(f.host, f.pid, f.started)")],
         capture_output=True, text=True, check=True).stdout.split()
     gone = DriverFence(ended[0], int(ended[1]), int(ended[2]))

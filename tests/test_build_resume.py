@@ -165,7 +165,8 @@ def test_shard_killed_mid_write_leaves_no_visible_tar_and_is_rebuilt(tmp_path):
         raw["resize"] = {"size": 256, "mode": "border"}
         script = tmp_path / "one_shard.py"
         script.write_text(textwrap.dedent(f"""
-            import clipforge
+            from clipforge.runtime.environment import apply_entry_point_defaults
+            apply_entry_point_defaults()
             from clipforge.pipeline.build import BuildSpec
             from clipforge.pipeline.inputs import UrlList
             from clipforge.pipeline.layout import OutputLayout, key_digits

@@ -27,10 +27,10 @@ from s3_server import KEY_ID, REGION, SECRET, new_bucket, s3fs_for, storage_opti
 from clipforge.pipeline.build import run_build  # noqa: E402
 from clipforge.pipeline.imaging import EncodedImage  # noqa: E402
 from clipforge.pipeline.layout import OutputLayout, sample_key  # noqa: E402
-from clipforge.pipeline.remote_env import FORWARDED_VARIABLES  # noqa: E402
 from clipforge.pipeline.sample import InputRow, RowOutcome  # noqa: E402
 from clipforge.pipeline.shard_writer import ShardWriter  # noqa: E402
 from clipforge.pipeline.spec import BuildSpec  # noqa: E402
+from clipforge.runtime.remote_env import FORWARDED_VARIABLES  # noqa: E402
 
 SPS = 4
 
@@ -227,7 +227,8 @@ def test_killed_s3_writer_leaves_no_object_and_the_next_attempt_aborts_its_uploa
     script = tmp_path / "writer.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, time
-        import clipforge
+        from clipforge.runtime.environment import apply_entry_point_defaults
+        apply_entry_point_defaults()
         from clipforge.pipeline.layout import OutputLayout
         out = OutputLayout("s3://{bucket}/out", {opts!r})
         f = out.open_atomic(out.tar(3))

@@ -22,7 +22,7 @@ from s3_server import new_bucket, s3fs_for, use_s3_from_environment  # noqa: E40
 from train_fixtures import read_lines, step_lines, train_spec, write_shards  # noqa: E402
 
 from clipforge.errors import UserError  # noqa: E402
-from clipforge.models.checkpoint import (  # noqa: E402
+from clipforge.models.checkpoint_files import (  # noqa: E402
     EXTRA_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -33,7 +33,7 @@ from clipforge.models.checkpoint import (  # noqa: E402
     load_optimizer_state,
     save_checkpoint,
 )
-from clipforge.train import checkpoints  # noqa: E402
+from clipforge.train import run_checkpoints  # noqa: E402
 from clipforge.train.loop import train_worker  # noqa: E402
 
 LOADERS = {MODEL_FILE: load_model_state, OPTIMIZER_FILE: load_optimizer_state, EXTRA_FILE: load_extra}
@@ -109,12 +109,12 @@ def test_a_file_overwritten_in_place_is_refused_and_resume_takes_the_checkpoint_
     assert f"{newest / name} does not match its checksum" in message
     assert expected in message and found in message and "\n" not in message
     assert isinstance(refused.value, UserError)
-    assert name in checkpoints.verify(str(newest))
+    assert name in run_checkpoints.verify(str(newest))
 
-    assert checkpoints.latest_valid(str(run)) == older
+    assert run_checkpoints.latest_valid(str(run)) == older
     assert f"checkpoint {newest} is damaged" in caplog.text and expected in caplog.text
     # Pruning keeps its rules: the damaged newest one stays (nothing newer is whole), so does the whole one.
-    assert checkpoints.prune(str(run), keep_last=1) == []
+    assert run_checkpoints.prune(str(run), keep_last=1) == []
 
 
 def test_a_checkpoint_written_before_checksums_still_loads_and_resumes(tmp_path):
@@ -128,8 +128,8 @@ def test_a_checkpoint_written_before_checksums_still_loads_and_resumes(tmp_path)
     assert torch.equal(load_model_state(str(old))["proj.weight"], _model_state(2)["proj.weight"])
     assert load_extra(str(old))["scheduler"] == {"step": 2}
     assert load_optimizer_state(str(old))["param_groups"][0]["lr"] == 1e-3
-    assert checkpoints.verify(str(old)) is None
-    assert checkpoints.latest_valid(str(run)) == str(old)
+    assert run_checkpoints.verify(str(old)) is None
+    assert run_checkpoints.latest_valid(str(run)) == str(old)
 
 
 def test_non_finite_weights_are_refused_with_the_tensor_named_and_skipped_on_resume(tmp_path, caplog):
@@ -141,7 +141,7 @@ def test_non_finite_weights_are_refused_with_the_tensor_named_and_skipped_on_res
     # The digests match: the file is as written, but what was written is unusable.
     with pytest.raises(CheckpointError, match=r"model\.pt are not finite: tensor proj\.bias holds NaN"):
         load_model_state(str(newest))
-    assert checkpoints.latest_valid(str(run)) == older
+    assert run_checkpoints.latest_valid(str(run)) == older
     assert f"checkpoint {newest} is damaged" in caplog.text and "proj.bias" in caplog.text
 
     # Without digests (a checkpoint written before them) the weights are checked all the same.
@@ -150,7 +150,7 @@ def test_non_finite_weights_are_refused_with_the_tensor_named_and_skipped_on_res
     (newest / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="proj.bias"):
         load_model_state(str(newest))
-    assert checkpoints.latest_valid(str(run)) == older
+    assert run_checkpoints.latest_valid(str(run)) == older
 
     # A standalone state-dict file has no meta.json: the finiteness check alone.
     standalone = tmp_path / "weights.pt"
@@ -174,14 +174,14 @@ def test_on_s3_digests_are_recorded_and_a_damaged_newest_checkpoint_is_passed_ov
     files = json.loads(fs.cat_file(f"{newest}/meta.json"))["files"]
     for name, record in files.items():
         assert record["sha256"] == hashlib.sha256(fs.cat_file(f"{newest}/{name}")).hexdigest()
-    assert checkpoints.latest_valid(run) == newest
+    assert run_checkpoints.latest_valid(run) == newest
 
     fs.pipe_file(f"{newest}/{MODEL_FILE}", _overwrite_tensor_bytes(fs.cat_file(f"{newest}/{MODEL_FILE}")))
     with pytest.raises(CheckpointError, match=f"{newest}/model.pt does not match its checksum"):
         load_model_state(newest)
-    assert checkpoints.latest_valid(run) == older
+    assert run_checkpoints.latest_valid(run) == older
     assert f"checkpoint {newest} is damaged" in caplog.text
-    assert checkpoints.prune(run, keep_last=1) == []
+    assert run_checkpoints.prune(run, keep_last=1) == []
     s3fs.S3FileSystem.clear_instance_cache()
 
 
@@ -205,6 +205,6 @@ def test_a_run_resumed_after_its_newest_checkpoint_was_damaged_starts_from_the_o
     # epoch_0001 was written again by the resumed run; every checkpoint left is whole, with finite weights.
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_0001", "step_00000002", "step_00000006"]
     for checkpoint in ckpts.iterdir():
-        assert checkpoints.verify(str(checkpoint)) is None
+        assert run_checkpoints.verify(str(checkpoint)) is None
     final = load_model_state(str(tmp_path / "run"))
     assert all(bool(torch.isfinite(t).all()) for t in final.values() if t.is_floating_point())

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from clipforge.cluster.specs import dump_spec
 from clipforge.dashboard.server import start_in_thread
 from clipforge.dashboard.spec import DashboardSpec
+from clipforge.runtime.run_dir import dump_spec
 from clipforge.train.spec import TrainSpec
 
 SECRET = "TOP-SECRET-OUTSIDE-THE-RUNS-FOLDER"
@@ -684,7 +684,7 @@ def test_cli_command_is_registered_and_names_a_missing_folder(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from clipforge.dashboard.cli import register
+    from clipforge.cli.dashboard import register
 
     app = typer.Typer()
     register(app)

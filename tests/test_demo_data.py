@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from clipforge.demo.data import DemoData, normalize_caption, prepare_demo_data, write_url_list
 from clipforge.demo.data_openclipart import list_clipart
 from clipforge.demo.debian import DEMO_PACKAGES, PackageFetchError, fetch_packages
 from clipforge.demo.http_server import serve_directory
+from clipforge.demo.offline_data import DemoData, normalize_caption, prepare_demo_data, write_url_list
 
 TINY = dict(max_train=200, heldout=40, fashion_per_class=5)
 FASHION_CLASSES = [

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from clipforge.demo.report import RETRIEVAL_KEYS, ZEROSHOT_KEYS
+from clipforge.demo.demo_report import RETRIEVAL_KEYS, ZEROSHOT_KEYS
 
 
 @pytest.mark.slow

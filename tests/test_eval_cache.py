@@ -16,10 +16,10 @@ import webdataset as wds
 from PIL import Image
 
 from clipforge.eval.cache import FeatureStore, cache_key
-from clipforge.eval.features import tower_view
+from clipforge.eval.evaluator import STATS_FILE, run_eval
 from clipforge.eval.fingerprint import describe_transform, digest_items, digest_tensors
-from clipforge.eval.runner import STATS_FILE, run_eval
 from clipforge.eval.spec import EvalSpec
+from clipforge.eval.tower_view import tower_view
 from clipforge.models.spec import ModelSpec
 
 torch.set_num_threads(1)
@@ -182,8 +182,9 @@ def test_second_run_reuses_features_and_heads_only_models_skip_the_towers(ray_lo
     script = textwrap.dedent(f"""
         import json, sys, time
         t0 = time.perf_counter()
-        import clipforge
-        from clipforge.eval.runner import run_eval
+        from clipforge.runtime.environment import apply_entry_point_defaults
+        apply_entry_point_defaults()
+        from clipforge.eval.evaluator import run_eval
         from clipforge.eval.spec import EvalSpec
         spec = EvalSpec.model_validate_json({_spec(data, tmp_path / "r5", cache).model_dump_json()!r})
         run_eval(spec)

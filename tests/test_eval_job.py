@@ -14,8 +14,8 @@ from PIL import Image
 
 from clipforge.eval.datasets import expand_shards, load_image_folder, load_retrieval_webdataset
 from clipforge.eval.embed import embed_images, embed_texts
+from clipforge.eval.evaluator import result_filename, run_eval
 from clipforge.eval.metrics import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
-from clipforge.eval.runner import result_filename, run_eval
 from clipforge.eval.spec import EvalSpec
 from clipforge.models.spec import ModelSpec
 from clipforge.specbase import Scaling

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
+from clipforge.eval.evaluator import run_eval
 from clipforge.eval.idx import read_idx, read_idx_images
 from clipforge.eval.probe import (
     few_shot_probe,
@@ -23,7 +24,6 @@ from clipforge.eval.probe import (
     select_weight_decay,
     stratified_split,
 )
-from clipforge.eval.runner import run_eval
 from clipforge.eval.spec import EvalSpec
 from clipforge.models.spec import ModelSpec
 

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from s3_server import new_bucket, s3fs_for, use_s3_from_environment  # noqa: E402
 
 from clipforge.eval.datasets import load_retrieval_table, load_retrieval_webdataset  # noqa: E402
+from clipforge.eval.evaluator import run_eval  # noqa: E402
 from clipforge.eval.loading import load_task  # noqa: E402
-from clipforge.eval.runner import run_eval  # noqa: E402
 from clipforge.eval.spec import EvalSpec, RetrievalTask, ZeroShotTask  # noqa: E402
 
 torch.set_num_threads(1)

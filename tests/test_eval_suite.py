@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 
-from clipforge.eval.runner import STATS_FILE, result_filename, run_eval
+from clipforge.eval.evaluator import STATS_FILE, result_filename, run_eval
 from clipforge.eval.spec import EvalSpec, EvalTask
 from clipforge.eval.tables import to_markdown
 

@@ -29,7 +29,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def demo(data_cache, tmp_path_factory):
-    from clipforge.demo.data import prepare_demo_data
+    from clipforge.demo.offline_data import prepare_demo_data
 
     return prepare_demo_data(cache_dir=data_cache, out_dir=tmp_path_factory.mktemp("demo"), max_train=200,
                              heldout=40, fashion_per_class=5)
@@ -152,7 +152,7 @@ import json, sys
 for name in ("torch", "torchvision", "open_clip", "transformers", "timm"):
     sys.modules[name] = None  # any import of these now raises ImportError
 import typer
-from clipforge.export.cli import register
+from clipforge.cli.export import register
 app = typer.Typer()
 register(app)
 @app.callback()
@@ -224,7 +224,7 @@ def test_zeroshot_ensembling_equals_eval_package(tiny_checkpoint, demo):
 
 
 def test_export_report_on_fashion_folder(tiny_checkpoint, demo, tmp_path):
-    from clipforge.export.report import REPORT_JSON, REPORT_MD, run_export_report
+    from clipforge.export.export_report import REPORT_JSON, REPORT_MD, run_export_report
 
     report = run_export_report(tiny_checkpoint, demo.fashion_dir, tmp_path, classnames=demo.fashion_classnames,
                                repeats=2, threads=1, batch_sizes=(1, 4))

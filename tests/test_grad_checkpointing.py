@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import clipforge  # noqa: F401
 from clipforge.models import ModelSpec, create_model
 from clipforge.models.grad_checkpointing import set_grad_checkpointing
 from clipforge.models.losses import ClipLoss

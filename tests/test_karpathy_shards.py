@@ -9,7 +9,6 @@ import sys
 import pytest
 from build_outputs import tar_members
 
-import clipforge  # noqa: F401
 from clipforge.demo.data_tuxpaint import list_stamps
 from clipforge.demo.debian import fetch_packages
 from clipforge.pipeline.karpathy import KarpathyFormatError, write_shards

@@ -231,7 +231,7 @@ def test_runtime_env_yaml_carries_the_spec_and_its_runtime_env(tmp_path):
     # The job joins the RayJob's cluster (whose runtime_env it already has); everything else is the spec.
     assert carried.ray.address is None and carried.ray.runtime_env == {}
     assert carried.model_dump(exclude={"ray"}) == spec.model_dump(exclude={"ray"})
-    assert m["spec"]["entrypoint"].split()[:3] == ["python", "-m", "clipforge.cluster.kuberay"]
+    assert m["spec"]["entrypoint"].split()[:3] == ["python", "-m", "clipforge.cli.kuberay_job"]
 
 
 def test_metadata_name_is_a_dns1123_name(tmp_path):
@@ -255,13 +255,7 @@ def test_local_working_dir_is_refused(tmp_path):
 
 
 def _cli(*args, env=None):
-    from typer.main import get_command
-
-    from clipforge.cli import app
-
-    wired = "render" in getattr(get_command(app), "commands", {})
-    module = "clipforge" if wired else "clipforge.cluster.cli_cluster"
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "clipforge", *args], capture_output=True, text=True, timeout=120,
                           cwd=REPO, env=env)
 
 
@@ -292,11 +286,11 @@ def test_entrypoint_runs_the_carried_spec_through_clipforge_run(tmp_path):
     carried = yaml.safe_load(yaml.safe_load(render_rayjob(spec)["spec"]["runtimeEnvYAML"])["env_vars"][SPEC_ENV])
     carried["optim"]["lr"] = -1.0  # `clipforge run` validates before running anything
     env = {**os.environ, SPEC_ENV: yaml.safe_dump(carried)}
-    r = subprocess.run([sys.executable, "-m", "clipforge.cluster.kuberay"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "clipforge.cli.kuberay_job"], capture_output=True, text=True,
                        timeout=120, env=env, cwd=tmp_path)
     assert r.returncode == 2
     assert "field `optim.lr`" in r.stderr and "Traceback" not in r.stderr
     env.pop(SPEC_ENV)
-    r = subprocess.run([sys.executable, "-m", "clipforge.cluster.kuberay"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "clipforge.cli.kuberay_job"], capture_output=True, text=True,
                        timeout=120, env=env, cwd=tmp_path)
     assert r.returncode == 2 and SPEC_ENV in r.stderr

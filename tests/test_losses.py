@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from dist_utils import open_clip_loss, run_distributed, two_heads_and_inputs
 from torch import nn
 
-import clipforge  # noqa: F401
 from clipforge.models.losses import ClipLoss, clamp_logit_scale, create_loss
 from clipforge.models.spec import LossSpec
 

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from dist_utils import run_distributed
 
-import clipforge  # noqa: F401
 from clipforge.models.losses import ClipLoss, create_loss
 from clipforge.models.losses_tiled import TiledClipLoss, tiled_cross_entropy
 from clipforge.models.spec import LossSpec

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import clipforge  # noqa: F401
 from clipforge.models import ModelConfigError, ModelSpec, create_model, list_models
 from clipforge.models.registry import load_config
 

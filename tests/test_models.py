@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import clipforge  # noqa: F401
 from clipforge.models import (
     CheckpointError,
     ModelConfigError,
@@ -26,7 +25,7 @@ from clipforge.models import (
     save_checkpoint,
     tower_features,
 )
-from clipforge.models.checkpoint import load_extra, load_optimizer_state
+from clipforge.models.checkpoint_files import load_extra, load_optimizer_state
 from clipforge.models.losses import ClipLoss
 from clipforge.models.package_files import resolve_package_ref
 from clipforge.models.registry import CONFIG_DIR

@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import clipforge  # noqa: F401
-from clipforge.models.optim import AdamWBF16State, state_bytes, stochastic_round_to_bf16
+from clipforge.models.adamw_bf16 import AdamWBF16State, state_bytes, stochastic_round_to_bf16
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-import clipforge  # noqa: F401
 from clipforge.models import ModelConfigError, ModelSpec, create_model, head_parameter_names
 from clipforge.models.losses import ClipLoss
 from clipforge.models.regimes import apply_regime, schedule_parameter_names, stage_at, tower_layout, trainable_names

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from dist_utils import open_clip_loss, run_distributed
 
-import clipforge  # noqa: F401
 from clipforge.models.losses import create_loss
 from clipforge.models.losses_siglip import SigLipLoss
 from clipforge.models.spec import LossSpec
@@ -134,7 +133,7 @@ def test_distributed_equals_the_global_definition(world, layout):
 
 def test_model_with_logit_bias_trains_with_siglip(tmp_path):
     from clipforge.models import ModelSpec, ProjectionHeads, create_model, tower_features
-    from clipforge.models.checkpoint import save_checkpoint
+    from clipforge.models.checkpoint_files import save_checkpoint
 
     spec = ModelSpec(name="tiny", init_logit_bias=-10.0)
     bundle = create_model(spec)

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-import clipforge  # noqa: F401
 from clipforge.models import ModelConfigError, ModelSpec, create_model
 from clipforge.models.losses import ClipLoss
 from clipforge.models.registry import CONFIG_DIR

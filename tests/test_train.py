@@ -23,15 +23,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import picture, write_shards  # noqa: E402
 
 from clipforge.models import ModelSpec, create_model, head_parameter_names, load_model_state
-from clipforge.models.checkpoint import load_optimizer_state
-from clipforge.train.checkpoints import ExistingRunError
+from clipforge.models.checkpoint_files import load_optimizer_state
 from clipforge.train.data import RankSamples, SkipCounter, Skipped, batches, plan_split, steps_per_epoch
 from clipforge.train.loop import TrainingDiverged, train_worker
-from clipforge.train.optim import build_optimizer, lr_at
-from clipforge.train.runner import run_train
+from clipforge.train.optimizer import build_optimizer, lr_at
+from clipforge.train.run_checkpoints import ExistingRunError
 from clipforge.train.shards import SampleKeys, ShardError, count_samples, expand_shards, iter_raw_samples
 from clipforge.train.sources import NotEnoughData
 from clipforge.train.spec import TrainSpec
+from clipforge.train.trainer import run_train
 
 KEYS = SampleKeys.parse("jpg;png;webp", "txt")
 

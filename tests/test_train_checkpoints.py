@@ -17,11 +17,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from s3_server import KEY_ID, REGION, SECRET, new_bucket, s3fs_for  # noqa: E402
 from train_fixtures import read_lines, step_lines, train_spec, truncate, write_shards  # noqa: E402
 
-from clipforge.models.checkpoint import load_extra, load_model_state, load_optimizer_state  # noqa: E402
-from clipforge.train import checkpoints  # noqa: E402
+from clipforge.models.checkpoint_files import load_extra, load_model_state, load_optimizer_state  # noqa: E402
+from clipforge.train import run_checkpoints  # noqa: E402
 from clipforge.train.loop import train_worker  # noqa: E402
-from clipforge.train.optim import lr_at  # noqa: E402
-from clipforge.train.runner import run_train  # noqa: E402
+from clipforge.train.optimizer import lr_at  # noqa: E402
+from clipforge.train.trainer import run_train  # noqa: E402
 
 
 def _names(run: Path) -> list[str]:
@@ -51,8 +51,8 @@ def test_step_checkpoints_contents_keep_last_and_damaged_ones(tmp_path, caplog):
 
     # The newest checkpoint's weights were cut mid-write; a directory without meta.json is not a checkpoint.
     truncate(run / "checkpoints" / "step_00000010" / "model.pt", 0.6)
-    assert "model.pt: not a complete torch file" in checkpoints.verify(str(run / "checkpoints" / "step_00000010"))
-    assert checkpoints.verify(str(run / "checkpoints" / "step_00000009")) is None
+    assert "model.pt: not a complete torch file" in run_checkpoints.verify(str(run / "checkpoints" / "step_00000010"))
+    assert run_checkpoints.verify(str(run / "checkpoints" / "step_00000009")) is None
     (run / "checkpoints" / "step_00000099").mkdir()
     (run / "checkpoints" / "step_00000099" / "model.pt").write_bytes(b"partial")
     longer = spec.model_copy(update={"optim": spec.optim.model_copy(update={"steps": 12})})

@@ -13,7 +13,7 @@ import torch
 from train_fixtures import train_spec
 
 from clipforge.models import ModelSpec, create_model
-from clipforge.train.optim import build_optimizer
+from clipforge.train.optimizer import build_optimizer
 from clipforge.train.parallelize import _with_kernel_flags_of, parallelize
 
 
@@ -90,7 +90,7 @@ def test_checkpoint_state_resumes_on_the_loading_runs_kernel(tmp_path):
 
 
 def test_the_bf16_state_optimizer_is_kept_when_the_fused_kernel_is_asked_for(tmp_path):
-    from clipforge.models.optim import AdamWBF16State
+    from clipforge.models.adamw_bf16 import AdamWBF16State
 
     model = create_model(ModelSpec(name="tiny", trainable="all")).model
     spec = _spec(tmp_path).optim.model_copy(update={"state_dtype": "bf16"})

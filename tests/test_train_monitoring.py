@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import read_lines, step_lines, train_spec, write_eval_sets, write_shards  # noqa: E402
 
 from clipforge.dashboard.metrics_log import MetricsDigest  # noqa: E402
-from clipforge.eval.runner import run_eval  # noqa: E402
+from clipforge.eval.evaluator import run_eval  # noqa: E402
 from clipforge.eval.spec import EvalSpec  # noqa: E402
 from clipforge.train.monitoring import worker_file  # noqa: E402
 from clipforge.train.progress import MetricsProgress  # noqa: E402
-from clipforge.train.runner import run_train  # noqa: E402
+from clipforge.train.trainer import run_train  # noqa: E402
 
 
 @pytest.mark.timeout(900)

@@ -14,11 +14,11 @@ import torch
 from dist_utils import run_distributed
 from train_fixtures import read_lines, step_lines, train_spec, write_shards
 
-from clipforge.models.checkpoint import load_extra, load_model_state, load_optimizer_state
+from clipforge.models.checkpoint_files import load_extra, load_model_state, load_optimizer_state
 from clipforge.train import precision
 from clipforge.train.loop import train_worker
-from clipforge.train.runner import run_train
 from clipforge.train.spec import PrecisionSpec
+from clipforge.train.trainer import run_train
 
 
 def _spec(root: Path, name: str, shard: Path, **over):

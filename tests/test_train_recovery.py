@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import read_lines, step_lines, train_spec, write_shards  # noqa: E402
 
 from clipforge.train.monitoring import worker_file  # noqa: E402
-from clipforge.train.runner import run_train  # noqa: E402
+from clipforge.train.trainer import run_train  # noqa: E402
 
 BUDGET, EVERY, KILL_AFTER = 40, 4, 10
 

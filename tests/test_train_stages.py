@@ -14,10 +14,10 @@ import torch
 from train_fixtures import read_lines, step_lines, train_spec, write_shards
 
 from clipforge.models import ModelSpec, create_model
-from clipforge.models.checkpoint import load_model_state
+from clipforge.models.checkpoint_files import load_model_state
 from clipforge.models.regimes import trainable_names
 from clipforge.train.loop import train_worker
-from clipforge.train.runner import run_train
+from clipforge.train.trainer import run_train
 
 LAST_BLOCKS = {"image": {"last_blocks": 1}, "text": {"last_blocks": 1}}
 STAGES = [{"until_step": 2, "trainable": "all"}, {"trainable": LAST_BLOCKS}]

@@ -20,11 +20,11 @@ from dist_utils import run_distributed
 from train_fixtures import read_lines, step_lines, train_spec, write_shards
 
 from clipforge.models import ModelSpec, create_model
-from clipforge.models.checkpoint import load_meta, load_model_state, load_optimizer_state
+from clipforge.models.checkpoint_files import load_meta, load_model_state, load_optimizer_state
 from clipforge.train.deepspeed_config import DeepSpeedConfigError, deepspeed_config
 from clipforge.train.loop import train_worker
-from clipforge.train.runner import run_train
 from clipforge.train.spec import TrainSpec
+from clipforge.train.trainer import run_train
 
 STEPS_PER_EPOCH = 3  # 24 samples, global batch 8
 

@@ -269,7 +269,7 @@ def test_a_bug_is_reported_as_internal_with_its_traceback():
     import typer
     from typer.testing import CliRunner
 
-    from clipforge.cli_errors import CommandGroup
+    from clipforge.cli.errors import CommandGroup
 
     app = typer.Typer(cls=CommandGroup)
 

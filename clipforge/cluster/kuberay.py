@@ -2,7 +2,7 @@
 sized from the spec's `scaling`, runs the job on it and deletes the cluster afterwards.
 
 The spec travels inside the manifest (an env var of the job's runtime_env), because a RayJob
-cannot upload local files; `python -m clipforge.cluster.kuberay` is the job's entrypoint: it
+cannot upload local files; `python -m clipforge.cli.kuberay_job` is the job's entrypoint: it
 writes that spec to a file and hands it to `clipforge run`.
 """
 from __future__ import annotations
@@ -10,11 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -25,7 +21,7 @@ from clipforge.errors import UserError
 from clipforge.specbase import RayInit, Scaling, Spec
 
 SPEC_ENV = "CLIPFORGE_SPEC_YAML"
-ENTRYPOINT = "python -m clipforge.cluster.kuberay"
+ENTRYPOINT = "python -m clipforge.cli.kuberay_job"
 DNS1123_MAX = 63
 
 
@@ -140,7 +136,7 @@ _ManifestDumper.add_representer(str, _literal_str)
 def cluster_spec_text(spec) -> str:
     """The spec as a job on a cluster runs it: it joins the cluster it runs on, and its runtime_env has become
     the whole job's (a RayJob's runtimeEnvYAML, a submitted job's runtime_env)."""
-    from clipforge.cluster.specs import dump_spec
+    from clipforge.runtime.run_dir import dump_spec
 
     return dump_spec(spec.model_copy(update={"ray": RayInit()}))
 
@@ -222,23 +218,3 @@ def render_rayjob(spec, options: KubeRayOptions | None = None) -> dict:
 
 def manifest_yaml(manifest: dict) -> str:
     return yaml.dump(manifest, Dumper=_ManifestDumper, sort_keys=False, width=120)
-
-
-def run_spec_from_env(env_var: str = SPEC_ENV) -> None:
-    """The RayJob's entrypoint: write the spec carried in `env_var` to a file and `clipforge run` it."""
-    text = os.environ.get(env_var)
-    if not text:
-        print(f"error: environment variable {env_var} is empty; this entrypoint runs inside a clipforge RayJob",
-              file=sys.stderr)
-        raise SystemExit(2)
-    from clipforge.cli import main
-
-    with tempfile.TemporaryDirectory(prefix="clipforge-job-") as tmp:
-        path = Path(tmp) / "spec.yaml"
-        path.write_text(text, encoding="utf-8")
-        sys.argv = ["clipforge", "run", str(path)]
-        main()
-
-
-if __name__ == "__main__":
-    run_spec_from_env()

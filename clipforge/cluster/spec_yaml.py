@@ -15,6 +15,7 @@ Every refusal is one SpecError naming the file and line.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -179,3 +180,19 @@ def parse_scalar(text: str, source: str) -> Any:
         return ""
     data, _ = parse_yaml(text, source)
     return data
+
+
+def read_spec_file(path: str | Path) -> tuple[Any, dict[tuple, int]]:
+    """The parsed YAML of a spec file and the line of each key, or SpecError."""
+    try:
+        size = Path(path).stat().st_size
+        if size > MAX_SPEC_BYTES and Path(path).is_file():
+            raise SpecError(f"{path}: {size:,} bytes; a spec file may have at most {MAX_SPEC_BYTES:,}")
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a folder, not a spec file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: cannot read spec file: {e}") from None
+    return parse_yaml(text, str(path))

@@ -18,7 +18,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from clipforge.cluster.specs import KINDS, SpecError, error_items, line_of, read_spec_file, set_field, where
+from clipforge.cluster.spec_errors import error_items, line_of, where
+from clipforge.cluster.spec_kinds import KINDS
+from clipforge.cluster.spec_overrides import set_field
+from clipforge.cluster.spec_yaml import read_spec_file
+from clipforge.errors import SpecError
 from clipforge.specbase import USER_SPEC
 
 CHILD_KINDS = ("build", "train", "eval")

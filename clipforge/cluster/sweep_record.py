@@ -23,9 +23,9 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from clipforge.cluster.specs import dump_spec
 from clipforge.cluster.sweep_children import Child, join_path, storage_root
 from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
+from clipforge.runtime.run_dir import dump_spec
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import os
 
-from clipforge.cluster.ray_runtime import ray_session
+from clipforge.cluster.single_job import run_single_job
+from clipforge.cluster.specs import validate_spec
 from clipforge.cluster.sweep_children import Child, expand_children
 from clipforge.cluster.sweep_record import SweepRecord, claim_sweep_folder
 from clipforge.errors import UserError
+from clipforge.runtime.ray_session import ray_session
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +34,8 @@ def failure_text(e: BaseException) -> str:
 
 def _run_child_here(child_spec) -> str | None:
     """Run one child in this process; None when it finished, else why it failed."""
-    from clipforge.cluster.dispatch import run_job
-
     try:
-        run_job(child_spec)
+        run_single_job(child_spec)
     except Exception as e:  # noqa: BLE001 - a failed child is recorded, the sweep goes on
         log.debug("child %s failed", child_spec.name, exc_info=True)
         return failure_text(e)
@@ -44,8 +44,6 @@ def _run_child_here(child_spec) -> str | None:
 
 def _child_task(spec_data: dict, cwd: str) -> str | None:
     """A child as a Ray task: relative paths in its spec mean what they mean for the sweep's own process."""
-    from clipforge.cluster.specs import validate_spec
-
     os.chdir(cwd)
     return _run_child_here(validate_spec(spec_data))
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from clipforge.demo import specs as demo_specs
-from clipforge.demo.report import format_table, make_report, plot_losses, read_losses
+from clipforge.demo import demo_specs
+from clipforge.demo.demo_report import format_table, make_report, plot_losses, read_losses
 from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
+from clipforge.specbase import USER_SPEC
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,16 @@ class DemoOptions:
 
 
 def _spec(raw: dict, path: Path):
-    """Validate a spec dict and keep a copy as YAML beside the run (the user can re-run it by hand)."""
-    from clipforge.cluster.specs import validate_spec
+    """Validate a spec dict as its kind's spec, as `clipforge run` would, and keep a copy as YAML beside the run
+    (the user can re-run it by hand)."""
+    from clipforge.eval.spec import EvalSpec
+    from clipforge.pipeline.spec import BuildSpec
+    from clipforge.train.spec import TrainSpec
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return validate_spec(raw, source=str(path))
+    kind = {"build": BuildSpec, "train": TrainSpec, "eval": EvalSpec}[raw["kind"]]
+    return kind.model_validate(raw, context=USER_SPEC)
 
 
 # What the demo writes at the top of its folder.
@@ -41,12 +46,12 @@ DEMO_ENTRIES = ("data", "lists", "shards", "specs", "eval", "train", "report.jso
 
 
 def run_demo(opts: DemoOptions) -> Path:
-    from clipforge.cluster.ray_runtime import ray_session
-    from clipforge.demo.data import prepare_demo_data, write_url_list
     from clipforge.demo.http_server import serve_directory
-    from clipforge.eval.runner import run_eval
+    from clipforge.demo.offline_data import prepare_demo_data, write_url_list
+    from clipforge.eval.evaluator import run_eval
     from clipforge.pipeline.build import run_build
-    from clipforge.train.runner import run_train
+    from clipforge.runtime.ray_session import ray_session
+    from clipforge.train.trainer import run_train
 
     t0 = time.time()
     size = demo_specs.TINY if opts.tiny else demo_specs.FULL

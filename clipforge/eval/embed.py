@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from clipforge.models.spec import ModelSpec
-from clipforge.pipeline.remote_env import forwarded_env
+from clipforge.runtime.remote_env import forwarded_env
 from clipforge.specbase import Scaling
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class EmbedActor:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        from clipforge.eval.features import image_features
+        from clipforge.eval.tower_view import image_features
 
         if len(batch["idx"]) == 0:
             return
@@ -215,7 +215,7 @@ def embed_texts(bundle, texts: list[str], batch_size: int = 256) -> Tensor:
     Through the text trunk and the projection head (see features.TowerView): captions are batched by
     length, and Hugging Face trunks skip all-padding columns.
     """
-    from clipforge.eval.features import TowerView, feature_kind
+    from clipforge.eval.tower_view import TowerView, feature_kind
 
     if not texts:
         raise ValueError("no texts to embed")

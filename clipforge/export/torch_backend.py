@@ -65,7 +65,7 @@ def model_name_for(meta: dict[str, Any], checkpoint: str, override: str | None =
 def load_checkpoint_model(checkpoint: str, model_name: str | None = None):
     """(ModelBundle on CPU in eval mode, resolved checkpoint directory, its meta) for a checkpoint or run directory."""
     from clipforge.models import ModelSpec, create_model
-    from clipforge.models.checkpoint import load_meta, resolve_checkpoint
+    from clipforge.models.checkpoint_files import load_meta, resolve_checkpoint
 
     directory = resolve_checkpoint(checkpoint)
     meta = load_meta(directory)

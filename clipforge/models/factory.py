@@ -72,7 +72,7 @@ def _load_pretrained_towers(model: torch.nn.Module, extra: dict[str, Any]) -> No
 
 
 def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
-    from clipforge.models.checkpoint import load_model_state
+    from clipforge.models.checkpoint_files import load_model_state
     from clipforge.models.pretrained import load_strict
 
     state = load_model_state(path)

@@ -8,73 +8,16 @@ the gradient of the single-process loss on the whole global batch.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from clipforge.models.loss_collectives import check_feature_pair, gather_pair
+from clipforge.models.loss_collectives import world as world_of
+from clipforge.models.losses_siglip import SigLipLoss
+from clipforge.models.losses_tiled import TiledClipLoss
 from clipforge.models.spec import LossSpec
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(x: torch.Tensor, sizes: list[int], rank: int, with_grad: bool, keep_local_grad: bool) -> torch.Tensor:
-    """Rows of every rank, in rank order. Batches of unequal size are padded for the collective.
-
-    Without `with_grad` only the local rows can carry gradient, and only if `keep_local_grad`
-    (OpenCLIP does so for the full-matrix loss, where the local rows appear only inside the gather).
-    """
-    longest = max(sizes)
-    padded = F.pad(x, (0, 0, 0, longest - x.shape[0])) if x.shape[0] < longest else x
-    if with_grad:
-        import torch.distributed.nn.functional as dist_fn
-
-        with warnings.catch_warnings():
-            # Deprecated in favour of a private functional collective; its autograd (a sum of every
-            # rank's gradient into the local rows) is exactly what the loss needs, and the warning
-            # would otherwise appear in every training worker's log.
-            warnings.simplefilter("ignore", FutureWarning)
-            parts = list(dist_fn.all_gather(padded))
-    else:
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded.detach().contiguous())
-        if keep_local_grad:
-            parts[rank] = padded
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
-
-
-def check_feature_pair(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
-    if image_features.shape != text_features.shape or image_features.ndim != 2:
-        raise ValueError(
-            f"image and text features must both be [batch, dim], got {tuple(image_features.shape)} "
-            f"and {tuple(text_features.shape)}"
-        )
-
-
-def batch_sizes(n: int, device: torch.device) -> list[int]:
-    """Every rank's local batch size, in rank order."""
-    # Gloo cannot gather CUDA tensors and NCCL cannot gather CPU ones: use the features' device.
-    local = torch.tensor([n], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, local)
-    return [int(s.item()) for s in sizes]
-
-
-def gather_pair(image_features: torch.Tensor, text_features: torch.Tensor, local_loss: bool,
-                with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Both modalities' global rows and the per-rank sizes (the contrastive losses' one communication)."""
-    rank = dist.get_rank()
-    sizes = batch_sizes(image_features.shape[0], image_features.device)
-    keep_local = not local_loss
-    all_img = _gather(image_features, sizes, rank, with_grad, keep_local)
-    all_txt = _gather(text_features, sizes, rank, with_grad, keep_local)
-    return all_img, all_txt, sizes
 
 
 class ClipLoss(nn.Module):
@@ -93,7 +36,7 @@ class ClipLoss(nn.Module):
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor) -> torch.Tensor:
         check_feature_pair(image_features, text_features)
-        rank, world = _world()
+        rank, world = world_of()
         n = image_features.shape[0]
         if world == 1:
             logits_img = logit_scale * image_features @ text_features.T
@@ -113,19 +56,14 @@ class ClipLoss(nn.Module):
         return (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels)) / 2
 
 
-
 def create_loss(spec: LossSpec) -> nn.Module:
     """The loss module of `spec.kind`; `siglip` is called with the model's logit bias as a 4th argument."""
     if spec.kind == "clip":
         return ClipLoss(local_loss=spec.local_loss, gather_with_grad=spec.gather_with_grad)
     if spec.kind == "clip_tiled":
-        from clipforge.models.losses_tiled import TiledClipLoss
-
         return TiledClipLoss(local_loss=spec.local_loss, gather_with_grad=spec.gather_with_grad,
                              tile_size=spec.tile_size)
     if spec.kind == "siglip":
-        from clipforge.models.losses_siglip import SigLipLoss
-
         return SigLipLoss()
     raise ValueError(f"unknown loss kind {spec.kind!r}")
 

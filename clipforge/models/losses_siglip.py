@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.models.losses import _world, batch_sizes, check_feature_pair
+from clipforge.models.loss_collectives import batch_sizes, check_feature_pair
+from clipforge.models.loss_collectives import world as world_of
 
 
 def _exchange(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[int, torch.Size]],
@@ -88,7 +89,7 @@ class SigLipLoss(nn.Module):
         check_feature_pair(image_features, text_features)
         n = image_features.shape[0]
         loss = _pair_loss(image_features, text_features, logit_scale, logit_bias, with_positives=True)
-        rank, world = _world()
+        rank, world = world_of()
         if world > 1:
             sizes = batch_sizes(n, image_features.device)
             for block in self._foreign_text_blocks(text_features, sizes, rank, world):

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipforge.models.losses import _world, check_feature_pair, gather_pair
+from clipforge.models.loss_collectives import check_feature_pair, gather_pair
+from clipforge.models.loss_collectives import world as world_of
 
 
 def _online_lse_update(run_max: torch.Tensor, run_sum: torch.Tensor, tile: torch.Tensor, dim: int,
@@ -158,7 +159,7 @@ class TiledClipLoss(nn.Module):
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor) -> torch.Tensor:
         check_feature_pair(image_features, text_features)
-        rank, world = _world()
+        rank, world = world_of()
         tile = self.tile_size
         if world == 1:
             return tiled_cross_entropy(image_features, text_features, logit_scale, 0, tile, 0.5, 0.5)

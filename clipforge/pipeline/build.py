@@ -7,45 +7,38 @@ nothing and re-running a crashed one finishes the rest. Filters that need every 
 near de-duplication, CLIP score) run after all shards are done (see `post_filters.py`).
 
 Remote outputs: `output.storage_options` travel with each task; AWS_* settings of the driver's
-environment are handed to the tasks as runtime_env variables (see `remote_env.py`). With
+environment are handed to the tasks as runtime_env variables (see `clipforge.runtime.remote_env`). With
 `download.per_domain_rps`, one small actor holds the build's per-host token buckets.
 
 Lifecycle: a build ends with nothing of its own running. A private local Ray (no address given) is
-reaped when the driver ends, however it ends; shard tasks commit only while the driver lives, and a
-run first removes the temporary files an earlier, killed run left (see `lifecycle.py`).
+reaped when the driver ends, however it ends (`clipforge.runtime.ray_session`); shard tasks commit only
+while the driver lives (`driver_fence.py`), and a run first removes the temporary files an earlier,
+killed run left.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import time
 from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from clipforge.cluster.ray_runtime import ray_session
 from clipforge.pipeline.build_stats import build_stats, status_counts_by_shard, summary_table
+from clipforge.pipeline.driver_fence import DriverFence, cluster_has_other_hosts, start_lifeline_actor
 from clipforge.pipeline.errors import BuildOutputError
 from clipforge.pipeline.inputs import UrlList
 from clipforge.pipeline.layout import OutputLayout, key_digits
-from clipforge.pipeline.lifecycle import (
-    DriverFence,
-    LocalRayReaper,
-    cluster_has_other_hosts,
-    start_lifeline_actor,
-    starts_private_ray,
-)
 from clipforge.pipeline.post_filters import run_post_filters, wanted
-from clipforge.pipeline.remote_env import forwarded_env
 from clipforge.pipeline.sample import SampleSettings
 from clipforge.pipeline.shard_task import ShardJob, ShardProgress, iter_build_shard
 from clipforge.pipeline.spec import BuildSpec
 from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
+from clipforge.runtime.ray_session import ray_session
+from clipforge.runtime.remote_env import forwarded_env
 from clipforge.runtime.storage_errors import storage_errors
 
 log = logging.getLogger(__name__)
-_HAS_PROC = sys.platform.startswith("linux")  # the reaper finds a Ray's processes in /proc
 
 
 class _Progress:
@@ -175,29 +168,6 @@ def _open_output(spec: BuildSpec) -> tuple[OutputLayout, set[int]]:
 
 
 @contextlib.contextmanager
-def _start_reaper() -> Iterator[LocalRayReaper | None]:
-    try:
-        reaper = LocalRayReaper()
-    except OSError as e:  # the build still runs; only a killed driver may then leave Ray processes for a while
-        log.warning("cannot start the watchdog that ends the build's local Ray with it: %s", e)
-        yield None
-        return
-    with reaper:
-        yield reaper
-
-
-@contextlib.contextmanager
-def _build_ray(cfg: Any) -> Iterator[None]:
-    """`ray_session`, and when it starts a private local Ray, a reaper that ends all of that Ray's
-    processes with this driver (see `lifecycle.py`; the processes started while marking are that Ray's)."""
-    with contextlib.ExitStack() as stack:
-        reaper = stack.enter_context(_start_reaper()) if starts_private_ray(cfg) and _HAS_PROC else None
-        with reaper.marking() if reaper else contextlib.nullcontext():
-            stack.enter_context(ray_session(cfg))
-        yield  # on the way out: ray.shutdown() first, then the reaper ends whatever is left
-
-
-@contextlib.contextmanager
 def _driver_fence() -> Iterator[DriverFence]:
     """The fence shard tasks check before committing; with nodes on other hosts, backed by an actor."""
     import ray
@@ -256,7 +226,7 @@ def run_build(spec: BuildSpec, progress: bool = True) -> dict:
     settings = SampleSettings(spec.download, spec.resize, spec.filters, spec.output)
     bar = _Progress(urls.count_rows(), spec.name, progress)
     try:
-        with _build_ray(spec.ray):
+        with ray_session(spec.ray):
             shards, written = _run_shards(spec, urls, layout, done, settings, env, bar)
             if wanted(spec.filters):
                 bar.filtering()

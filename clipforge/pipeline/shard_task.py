@@ -5,7 +5,7 @@ works (so the driver's progress bar moves within a shard) and the shard summary 
 dependency itself; `build_shard` runs it in-process.
 
 A shard whose driver is gone is never committed: with a `DriverFence` the task checks, at every
-progress tick and right before the commit, that the build's driver still runs (see `lifecycle.py`).
+progress tick and right before the commit, that the build's driver still runs (see `driver_fence.py`).
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from clipforge.pipeline import status as st
+from clipforge.pipeline.driver_fence import DriverFence, DriverGone
 from clipforge.pipeline.fetch import Fetcher, FetchFailed
 from clipforge.pipeline.layout import OutputLayout
-from clipforge.pipeline.lifecycle import DriverFence, DriverGone
 from clipforge.pipeline.ratelimit import Limiter
 from clipforge.pipeline.sample import InputRow, RowOutcome, SampleSettings, process_row
 from clipforge.pipeline.shard_writer import ShardWriter

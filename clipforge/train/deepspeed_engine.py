@@ -149,7 +149,7 @@ class DeepSpeedParallel(Parallel):
 
     def _create_optimizer_state(self) -> None:
         """The moments a first step would create (zeros), so that a checkpoint's can be loaded into them."""
-        from clipforge.models.optim import AdamWBF16State
+        from clipforge.models.adamw_bf16 import AdamWBF16State
 
         inner = self.engine.optimizer.optimizer
         bf16_state = isinstance(inner, AdamWBF16State)

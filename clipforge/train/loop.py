@@ -47,12 +47,12 @@ from clipforge.models import create_model
 from clipforge.models.accumulation import accumulated_step
 from clipforge.models.losses import create_loss
 from clipforge.models.regimes import apply_regime, schedule_parameter_names, stage_at
-from clipforge.train import budget, checkpoints
+from clipforge.train import budget, run_checkpoints
 from clipforge.train.collectives import all_gather_object, all_mean, all_min_int, all_sum_int, barrier
 from clipforge.train.data import SkipCounter
 from clipforge.train.eval_hook import PeriodicEval
 from clipforge.train.monitoring import DataWait, line_resources, write_worker_file
-from clipforge.train.optim import WarmupCosine
+from clipforge.train.optimizer import WarmupCosine
 from clipforge.train.parallelize import Held, Parallel, parallelize, unwrap
 from clipforge.train.sources import BatchSource, NotEnoughData, batch_source
 from clipforge.train.spec import TrainSpec
@@ -265,7 +265,7 @@ def _summary(progress: Progress, spec: TrainSpec, resume_from: str | None, meta:
         "skipped_shards": skipped_shards,
         "restarts": progress.restarts,
         "resumed_from": resume_from,
-        "checkpoint": checkpoints.latest(checkpoints.checkpoint_root(spec)),
+        "checkpoint": run_checkpoints.latest(run_checkpoints.checkpoint_root(spec)),
     }
 
 
@@ -276,8 +276,8 @@ def train_worker(spec: TrainSpec, ctx: WorkerContext | None = None) -> dict:
         # The local batch is data.batch_size / scaling.workers: another world size would change the global batch.
         raise ValueError(f"scaling.workers is {spec.scaling.workers} but {ctx.world_size} ranks are training")
     progress = Progress()
-    resume_from = checkpoints.resume_point(spec)
-    meta = checkpoints.resume_state(resume_from) if resume_from else {}
+    resume_from = run_checkpoints.resume_point(spec)
+    meta = run_checkpoints.resume_state(resume_from) if resume_from else {}
     _restore_counters(progress, meta)
     # Augmentations differ per rank and repeat per run (a resumed run: per resume step).
     torch.manual_seed(spec.seed * 1000 + ctx.rank + 7919 * progress.step)
@@ -294,7 +294,7 @@ def train_worker(spec: TrainSpec, ctx: WorkerContext | None = None) -> dict:
     total_steps = budget.total_steps(spec.optim, source.steps, spec.data.batch_size)
     opt = _optimisation(spec, source.module, ctx.device, total_steps, progress, meta)
     if resume_from:
-        checkpoints.restore_training_state(resume_from, opt.parallel.optimizer_state, opt.schedule,
+        run_checkpoints.restore_training_state(resume_from, opt.parallel.optimizer_state, opt.schedule,
                                            opt.parallel.scaler)
         if ctx.rank == 0:
             log.info("resumed from %s after epoch %d (step %d)", resume_from, progress.epoch, progress.step)
@@ -458,7 +458,7 @@ class _Run:
                 "skipped_shards": p.skipped_before[1] + skipped[1],
                 "restarts": p.restarts,
             }
-            checkpoints.save(self.spec, Held(model_state), self.model_name, Held(optim_state), self.opt.schedule, p,
+            run_checkpoints.save(self.spec, Held(model_state), self.model_name, Held(optim_state), self.opt.schedule, p,
                              extra, scaler=self.opt.parallel.scaler)
             if self.board is not None:
                 self.board.flush()

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from clipforge.models.regimes import tower_layout
 from clipforge.train import precision
 from clipforge.train.collectives import distributed
-from clipforge.train.optim import build_optimizer
+from clipforge.train.optimizer import build_optimizer
 from clipforge.train.spec import TrainSpec
 
 _SCALARS_ATTR = "_clipforge_scalar_parameters"

@@ -31,7 +31,7 @@ from clipforge.train.data import (
     steps_per_epoch,
     train_transform,
 )
-from clipforge.train.features import compute_feature_cache
+from clipforge.train.frozen_features import compute_feature_cache
 from clipforge.train.shards import SampleKeys, count_samples, expand_sources, source_field
 from clipforge.train.spec import TrainSpec
 

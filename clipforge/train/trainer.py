@@ -16,16 +16,16 @@ import os
 import tempfile
 import time
 
-from clipforge.cluster.ray_runtime import ray_session
-from clipforge.cluster.specs import dump_spec
 from clipforge.errors import UserError
-from clipforge.models.checkpoint import resolve_checkpoint
-from clipforge.pipeline.remote_env import FORWARDED_VARIABLES
+from clipforge.models.checkpoint_files import resolve_checkpoint
 from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
+from clipforge.runtime.ray_session import ray_session
+from clipforge.runtime.remote_env import FORWARDED_VARIABLES
+from clipforge.runtime.run_dir import dump_spec
 from clipforge.runtime.storage_errors import storage_errors
-from clipforge.train.checkpoints import refuse_existing
 from clipforge.train.loop import train_loop_per_worker
 from clipforge.train.progress import MetricsProgress
+from clipforge.train.run_checkpoints import refuse_existing
 from clipforge.train.shards import expand_sources
 from clipforge.train.spec import TrainSpec
 from clipforge.train.storage import is_local, join, read_json, write_json, write_text

@@ -1,9 +1,9 @@
-"""A build ends with nothing of its own running: a reaper for the private Ray it starts, a fence for commits.
+"""A private local Ray ends with the process that started it, however that process ends.
 
 What Ray does by itself when the driver that started a local Ray (`ray_session` without an address)
 is killed with SIGKILL:
 - the GCS and the raylet die at once (Ray starts them with PR_SET_PDEATHSIG);
-- workers notice their raylet is gone and exit within 1-3 s, finishing (and committing) shards meanwhile;
+- workers notice their raylet is gone and exit within 1-3 s, finishing their current task meanwhile;
 - the dashboard and runtime-env agents (children of the raylet, in the driver's process group) then try
   to report the raylet's death to the dead GCS and live about 60 s more. A kill of the whole process
   group takes them with it, but not the workers: each runs in a process group of its own.
@@ -14,13 +14,9 @@ end the driver holds. The kernel closes that end when the driver exits, however 
 then SIGKILLs every process of that Ray. It knows them by a token in their environment, which the
 driver sets only while Ray starts (the raylet hands its environment to the agents and workers it
 starts later), and, since a process that renames itself may overwrite what /proc shows of its
-environment, by descent from a marked process, followed every few seconds while the build runs. On a
+environment, by descent from a marked process, followed every few seconds while the job runs. On a
 normal exit the driver closes the pipe itself after `ray.shutdown()` and waits for the watchdog, so
-nothing of the build outlives `run_build`.
-
-`DriverFence` keeps a shard task from committing once its driver is gone, in the seconds before Ray
-(or the reaper) ends it: on the driver's own host it compares the driver's pid and start time in
-/proc; elsewhere it asks a driver-owned actor, which Ray ends with its owner.
+nothing of the job outlives it. `ray_session` uses it for every local Ray it starts.
 """
 from __future__ import annotations
 
@@ -32,8 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 TOKEN_VAR = "CLIPFORGE_LOCAL_RAY_TOKEN"
 _REAP_ROUNDS = 20  # kill, look again: a process may start while its parent is being killed
@@ -41,18 +36,9 @@ _REAP_PAUSE_S = 0.05
 _FIRST_SCAN_S = 0.25  # the watchdog looks for new processes of its Ray after this, then ever more rarely
 _LAST_SCAN_EVERY_S = 2.0
 _WATCHDOG_EXIT_S = 10.0
-_LIFELINE_TIMEOUT_S = 30.0
 
 
 # -- the reaper of a private local Ray ---------------------------------------------------------------
-
-
-def starts_private_ray(cfg: Any) -> bool:
-    """Whether `ray_session(cfg)` will start a local Ray of its own (the same test as `ray_session` makes)."""
-    import ray
-
-    address = getattr(cfg, "address", None) if cfg is not None else None
-    return not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
 
 
 class LocalRayReaper:
@@ -203,91 +189,9 @@ def _watch(token: str) -> None:
     end_tracked(tracker)
 
 
-# -- the commit fence ---------------------------------------------------------------------------------
-
-
-class DriverGone(RuntimeError):
-    """The build's driver has ended: a shard task must not make anything visible any more."""
-
-
-def _host_identity() -> str | None:
-    """This boot of this machine, and this pid namespace: where a pid means the same process.
-
-    None where /proc cannot tell (not Linux, or a /proc of another pid namespace than this process's).
-    """
-    try:
-        if os.readlink("/proc/self") != str(os.getpid()):
-            return None
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
-    except OSError:
-        return None
-
-
-def _start_ticks(pid: int) -> int | None:
-    found = _parent_and_start(pid)
-    return None if found is None else found[1]
-
-
-class _DriverLifeline:
-    """A driver-owned actor: Ray ends it when its owner (the driver) ends."""
-
-    def alive(self) -> bool:
-        return True
-
-
-def start_lifeline_actor() -> Any:
-    """The actor that tells tasks on other hosts whether the driver lives (Ray must be up)."""
-    import ray
-
-    # No CPU reserved: it only answers pings, and must never wait behind the downloads for a CPU.
-    return ray.remote(_DriverLifeline).options(num_cpus=0, max_restarts=0).remote()
-
-
-def cluster_has_other_hosts() -> bool:
-    """Whether any live node of the cluster is not this driver's (tasks may then run out of its /proc's sight)."""
-    import ray
-
-    here = ray.get_runtime_context().get_node_id()
-    return any(node["Alive"] and node["NodeID"] != here for node in ray.nodes())
-
-
-@dataclass(frozen=True)
-class DriverFence:
-    """Travels with each shard task; `driver_alive()` says whether the build's driver still runs."""
-
-    host: str | None
-    pid: int
-    started: int | None
-    lifeline: Any = None  # a `_DriverLifeline` actor, for tasks on other hosts
-
-    @classmethod
-    def for_this_process(cls, lifeline: Any = None) -> "DriverFence":
-        pid = os.getpid()
-        host = _host_identity()
-        started = _start_ticks(pid) if host else None
-        return cls(host if started is not None else None, pid, started, lifeline)
-
-    def driver_alive(self) -> bool:
-        if self.host is not None and self.host == _host_identity():
-            return _start_ticks(self.pid) == self.started
-        if self.lifeline is None:
-            # Another host and no actor to ask (a node that joined after the build started): Ray itself
-            # ends the tasks of a job whose driver is gone, within moments.
-            return True
-        return _lifeline_answers(self.lifeline)
-
-
-def _lifeline_answers(lifeline: Any) -> bool:
-    import ray
-
-    try:
-        return ray.get(lifeline.alive.remote(), timeout=_LIFELINE_TIMEOUT_S)
-    except ray.exceptions.ActorDiedError:
-        return False
-    except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
-        return True  # slow or briefly unreachable is not dead; Ray ends the job's tasks if it is
+def parent_and_start(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of a process, from /proc; None once it is gone."""
+    return _parent_and_start(pid)
 
 
 if __name__ == "__main__":

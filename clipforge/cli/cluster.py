@@ -1,4 +1,4 @@
-"""Cluster commands of the `clipforge` CLI: submit specs to a Ray cluster, watch and stop its jobs,
+"""Cluster commands of the `clipforge` command line: submit specs to a Ray cluster, watch and stop its jobs,
 and render specs as KubeRay RayJob manifests.
 
   clipforge submit SPEC.yaml [field=value ...] --address http://HEAD:8265 [--working-dir DIR] [--no-wait|--follow]
@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import typer
 
-from clipforge.cli_errors import CommandGroup, fail
+from clipforge.cli.errors import CommandGroup, fail
 from clipforge.errors import EXIT_INVALID, SpecError, UserError
 
 ADDRESS_HELP = "Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)."
@@ -270,17 +270,3 @@ def register(app: typer.Typer) -> None:
     render = typer.Typer(cls=CommandGroup, no_args_is_help=True, help="Render a spec as a manifest for another system.")
     render.command("kuberay")(render_kuberay)
     app.add_typer(render, name="render")
-
-
-def main() -> None:
-    """The cluster commands on their own (`python -m clipforge.cluster.cli_cluster ...`)."""
-    app = typer.Typer(cls=CommandGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                      help="clipforge cluster commands.")
-    register(app)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         """Serve the runs table, run pages, comparisons, scaling fits and a 'try it' page (read-only)."""
         from pydantic import ValidationError
 
-        from clipforge.cli_errors import fail
+        from clipforge.cli.errors import fail
         from clipforge.dashboard.server import DashboardServer
         from clipforge.dashboard.spec import DashboardSpec
         from clipforge.dashboard.tree import PathNotFound

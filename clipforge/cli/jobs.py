@@ -1,28 +1,21 @@
-"""The `clipforge` command line: thin wrappers that validate input and always tear down what they start.
+"""Job commands of the `clipforge` command line: check and run specs, print their schema, run the demo.
 
-  clipforge run SPEC.yaml [field=value ...]     run a build/train/eval spec on a local (or RAY_ADDRESS) Ray
   clipforge validate SPEC.yaml [field=value ...] check a spec without running it
+  clipforge run SPEC.yaml [field=value ...]     run a build/train/eval/sweep spec on a local (or RAY_ADDRESS) Ray
   clipforge schema KIND                         JSON Schema of a spec kind (for editor autocompletion)
   clipforge demo [--tiny]                       the whole loop on real offline data -> runs/demo/report.json
 """
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from clipforge.cli_errors import CommandGroup
 from clipforge.errors import SpecError
 
-app = typer.Typer(cls=CommandGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="clipforge: image-caption URL lists to trained and evaluated CLIP models.")
 
-
-@app.command()
 def validate(spec: Path = typer.Argument(..., help="Spec YAML file."),
              overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides.")) -> None:
     """Check a spec (types, required fields, unknown fields) without running anything."""
@@ -32,9 +25,9 @@ def validate(spec: Path = typer.Argument(..., help="Spec YAML file."),
     typer.echo(f"ok: {spec} is a valid `{s.kind}` spec")
 
 
-@app.command()
 def run(spec: Path = typer.Argument(..., help="Spec YAML file."),
-        overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides, e.g. optim.lr=1e-4.")) -> None:
+        overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides, e.g. optim.lr=1e-4.")
+        ) -> None:
     """Run a spec locally (joins RAY_ADDRESS or the spec's `ray.address` if set, else starts a local Ray)."""
     from clipforge.cluster.dispatch import run_job
     from clipforge.cluster.specs import load_spec
@@ -45,17 +38,15 @@ def run(spec: Path = typer.Argument(..., help="Spec YAML file."),
         typer.echo(json.dumps(result, indent=2, default=str)[:4000])
 
 
-@app.command()
 def schema(kind: str = typer.Argument(..., help="build | train | eval | sweep")) -> None:
     """Print the JSON Schema of a spec kind."""
-    from clipforge.cluster.specs import KINDS
+    from clipforge.cluster.spec_kinds import KINDS
 
     if kind not in KINDS:
         raise SpecError(f"unknown kind {kind!r}; expected one of: {', '.join(KINDS)}")
     typer.echo(json.dumps(KINDS[kind].model_json_schema(), indent=2))
 
 
-@app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder (report.json, loss.png, runs)."),
          data_cache: Path = typer.Option(Path("data/cache"), help="Where the Debian packages are cached."),
          tiny: bool = typer.Option(False, help="A few-minute version on a small subset with the tiny model."),
@@ -67,22 +58,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder (report
     typer.echo(f"report: {report_path}")
 
 
-from clipforge.cluster.cli_cluster import register as _register_cluster_commands  # noqa: E402
-
-_register_cluster_commands(app)
-
-from clipforge.dashboard.cli import register as _register_dashboard_commands  # noqa: E402
-from clipforge.export.cli import register as _register_export_commands  # noqa: E402
-
-_register_dashboard_commands(app)
-_register_export_commands(app)
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    app()
-
-
-if __name__ == "__main__":
-    main()
+def register(app: typer.Typer) -> None:
+    """Add `validate`, `run`, `schema` and `demo` to the clipforge command line."""
+    for command in (validate, run, schema, demo):
+        app.command()(command)

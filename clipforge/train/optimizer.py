@@ -40,7 +40,7 @@ def build_optimizer(module: nn.Module, spec: OptimSpec, names: Iterable[str] | N
     groups = [g for g in ({"params": decay, "weight_decay": spec.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     if spec.state_dtype == "bf16":
-        from clipforge.models.optim import AdamWBF16State
+        from clipforge.models.adamw_bf16 import AdamWBF16State
 
         return AdamWBF16State(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
     hyper = {"lr": spec.lr, "betas": (spec.beta1, spec.beta2), "eps": spec.eps}

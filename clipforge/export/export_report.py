@@ -43,7 +43,7 @@ def _file_size(path: str) -> int:
 
 
 def _sizes(checkpoint_dir: str, export_dir: Path, manifest) -> dict[str, int]:
-    from clipforge.models.checkpoint import MODEL_FILE
+    from clipforge.models.checkpoint_files import MODEL_FILE
 
     def onnx_size(precision: str) -> int:
         return sum((export_dir / tower.files[precision]).stat().st_size for tower in (manifest.image, manifest.text))
@@ -75,7 +75,7 @@ def run_export_report(checkpoint: str, fashion_dir: str | Path, out: str | Path,
     from clipforge.export.onnx_runtime import OnnxClip
     from clipforge.export.torch_backend import TorchClip, load_checkpoint_model
     from clipforge.export.zeroshot import class_prompts, load_folder, zeroshot_logits, zeroshot_scores
-    from clipforge.models.checkpoint import resolve_checkpoint
+    from clipforge.models.checkpoint_files import resolve_checkpoint
 
     if threads < 1:
         raise ExportError(f"threads must be >= 1, got {threads}")

@@ -2,7 +2,7 @@
 
 A checkpoint written at an epoch boundary is `epoch_NNNN` (NNNN epochs done); one written part-way
 through an epoch (`checkpoint.every_steps`, or a step budget ending mid-epoch) is `step_NNNNNNNN`.
-The format itself (files, meta.json written last, file digests) belongs to `clipforge.models.checkpoint`;
+The format itself (files, meta.json written last, file digests) belongs to `clipforge.models.checkpoint_files`;
 meta.json here also holds the step counters, the data position, the spec and the last metrics line.
 
 A checkpoint is damaged when a file is cut short, differs from the digest meta.json records for it, or
@@ -22,7 +22,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from clipforge.errors import UserError
-from clipforge.models.checkpoint import (
+from clipforge.models.checkpoint_files import (
     EXTRA_FILE,
     META_FILE,
     MODEL_FILE,

@@ -24,20 +24,20 @@ import fsspec
 import numpy as np
 import torch
 
-from clipforge.cluster.ray_runtime import ray_session
 from clipforge.eval.cache import FeatureStore, cache_key
 from clipforge.eval.embed import embed_images
 from clipforge.eval.errors import EvalDataError
-from clipforge.eval.features import TowerView, tower_view
 from clipforge.eval.fingerprint import describe_transform, digest_array
 from clipforge.eval.loading import ImageSet, LoadedTask, load_task
 from clipforge.eval.metrics import class_prompts, classifier_from_prompts, retrieval_metrics, zeroshot_metrics
 from clipforge.eval.probe import few_shot_probe, linear_probe
 from clipforge.eval.spec import EvalSpec, FewShotTask, LinearProbeTask, RetrievalTask
 from clipforge.eval.tables import to_csv, to_markdown
-from clipforge.models.checkpoint import resolve_checkpoint
+from clipforge.eval.tower_view import TowerView, tower_view
+from clipforge.models.checkpoint_files import resolve_checkpoint
 from clipforge.models.spec import ModelSpec
 from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
+from clipforge.runtime.ray_session import ray_session
 from clipforge.runtime.storage_errors import storage_errors
 
 log = logging.getLogger(__name__)

@@ -92,7 +92,7 @@ def export_report(
     threads: int = typer.Option(1, help="CPU threads for PyTorch and onnxruntime alike."),
 ) -> None:
     """Size, latency and zero-shot accuracy of fp32 PyTorch, fp32 ONNX and int8 ONNX, as Markdown and JSON."""
-    from clipforge.export.report import REPORT_JSON, REPORT_MD, format_markdown, run_export_report
+    from clipforge.export.export_report import REPORT_JSON, REPORT_MD, format_markdown, run_export_report
 
     report = run_export_report(checkpoint, fashion_dir, out, classnames=_split_names(classnames),
                                model_name=model, templates=templates, per_class=per_class, repeats=repeats,

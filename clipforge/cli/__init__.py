@@ -1,0 +1,33 @@
+"""The `clipforge` command line: thin commands that validate input and always tear down what they start.
+
+Each module registers its commands on one app: `jobs` (validate, run, schema, demo), `cluster` (submit,
+jobs ..., render kuberay), `dashboard`, `export` (export, predict, export-report). Errors become messages
+and exit codes in one place, `errors.CommandGroup`; `main` applies the entry-point environment defaults.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from clipforge.cli import cluster, dashboard, export, jobs
+from clipforge.cli.errors import CommandGroup
+from clipforge.runtime.environment import apply_entry_point_defaults
+
+app = typer.Typer(cls=CommandGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="clipforge: image-caption URL lists to trained and evaluated CLIP models.")
+for _module in (jobs, cluster, dashboard, export):
+    _module.register(app)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the command line on `args` (default: sys.argv[1:])."""
+    apply_entry_point_defaults()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    app(args=args)
+
+
+if __name__ == "__main__":
+    main()
