@@ -1,5 +1,7 @@
 # `make demo`: create .venv, install, run build -> train -> eval on real offline data (writes runs/demo/report.json).
-# `make test`: create .venv if missing, run the whole test suite (slow end-to-end tests included).
+# `make test`: create .venv if missing, run the whole test suite: tests/unit, tests/integration (real Ray, S3 on
+# loopback, headless Chromium) and tests/e2e (whole jobs, submission, install), ~25 min on 2 cores.
+# `make test-fast`: the unit tests only (no Ray, no servers but loopback HTTP), under 3 minutes.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet $(TORCH_PKGS)
-	$(PY) -m pip install --quiet -e '.[test,deepspeed]'
+	$(PY) -m pip install --quiet -e '.[all,test]'
 	touch $(STAMP)
 
 demo: venv
@@ -35,7 +37,7 @@ test: venv browser
 	$(PY) -m pytest -q
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q tests/unit
 
 clean:
 	rm -rf runs build dist *.egg-info

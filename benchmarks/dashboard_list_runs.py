@@ -1,9 +1,10 @@
 # nice -n 15 .venv/bin/python benchmarks/dashboard_list_runs.py  ->  benchmarks/results/dashboard_list_runs.json and the line `RESULT dashboard_list_runs: ratio=<seconds/1.0> (target 1.0) PASS|FAIL` (3,000 run folders listed through GET /api/runs, median wall time of a freshly started dashboard's first request; about a minute on 2 cores, most of it writing the folders and building the model once)
 """Time to list thousands of runs through the dashboard's HTTP API.
 
-Writes 3,000 run folders the way the trainer does (spec.yaml, a 40-line metrics.jsonl with eval
-lines, summary.json for most, a checkpoint's meta.json, Ray's folder), 30 sweeps of 95 runs plus 150
-single runs, then times `GET /api/runs` on a real server over loopback:
+Writes 3,000 run folders the way the trainer does (spec.yaml and its index run.json, a 40-line metrics.jsonl
+with eval lines, summary.json for most, a checkpoint's meta.json, Ray's folder), 30 sweeps of 95 runs plus 150
+single runs, then times `GET /api/runs` on a real server over loopback (`--without-index`: the folders as runs
+written before run.json existed have them, spec.yaml only, whose head the dashboard reads instead):
   cold: the first request of a freshly started dashboard (no run read yet), repeated with new servers;
   warm: later requests of one dashboard, each rescanning the whole folder (rescan_interval_s=0) and
         reading only what changed.
@@ -27,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults  # noqa: E402
+from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults
 
 apply_entry_point_defaults()  # offline model hubs, local Ray settings, as the command line sets them
 apply_defaults({"NO_ALBUMENTATIONS_UPDATE": "1"})  # img2dataset's albumentations: no update check
@@ -36,8 +37,8 @@ RESULTS = REPO / "benchmarks" / "results" / "dashboard_list_runs.json"
 TARGET_SECONDS = 1.0
 
 
-def write_folder(root: Path, runs: int, sweeps: int, per_sweep: int, lines: int) -> list[str]:
-    from clipforge.runtime.run_dir import dump_spec
+def write_folder(root: Path, runs: int, sweeps: int, per_sweep: int, lines: int, index: bool = True) -> list[str]:
+    from clipforge.runtime.run_dir import SPEC_FILE, dump_spec, write_spec_files
     from clipforge.train.spec import TrainSpec
 
     template = TrainSpec.model_validate({"kind": "train", "name": "x", "storage": "x", "model": {"name": "tiny"},
@@ -50,7 +51,10 @@ def write_folder(root: Path, runs: int, sweeps: int, per_sweep: int, lines: int)
         (run / "checkpoints" / "epoch_0001").mkdir(parents=True)
         (run / "ray").mkdir()
         spec = template.model_copy(update={"name": rel.replace("/", "-"), "storage": str(run)})
-        (run / "spec.yaml").write_text(dump_spec(spec))
+        if index:
+            write_spec_files(str(run), spec)
+        else:
+            (run / SPEC_FILE).write_text(dump_spec(spec))
         records = []
         for i in range(1, lines + 1):
             rec = {"epoch": 1 + i // 10, "logit_scale": 14.2 + 0.01 * i, "loss": 5.0 / (1 + 0.01 * i * (1 + n % 7)),
@@ -93,6 +97,8 @@ def main() -> None:
     p.add_argument("--lines", type=int, default=40, help="metrics.jsonl lines per run")
     p.add_argument("--cold-repeats", type=int, default=5)
     p.add_argument("--warm-repeats", type=int, default=5)
+    p.add_argument("--without-index", action="store_true",
+                   help="write spec.yaml only, as runs written before run.json existed have it")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
 
@@ -104,7 +110,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dashboard-bench-") as tmp:
         root = Path(tmp) / "runs"
         t = time.perf_counter()
-        ids = write_folder(root, args.runs, sweeps=30, per_sweep=min(95, args.runs // 31), lines=args.lines)
+        ids = write_folder(root, args.runs, sweeps=30, per_sweep=min(95, args.runs // 31), lines=args.lines,
+                           index=not args.without_index)
         write_seconds = time.perf_counter() - t
         print(f"wrote {len(ids)} run folders in {write_seconds:.1f} s", flush=True)
 
@@ -140,6 +147,7 @@ def main() -> None:
         median_cold = statistics.median(cold)
         report = {
             "runs": len(ids),
+            "run_index": not args.without_index,
             "metrics_lines_per_run": args.lines,
             "cold_seconds": [round(s, 4) for s in cold],
             "warm_seconds": [round(s, 4) for s in warm],

@@ -1,8 +1,8 @@
 # nice -n 15 .venv/bin/python benchmarks/dashboard_s3_runs.py  ->  benchmarks/results/dashboard_s3_runs.json and the line `RESULT dashboard_s3_runs: ratio=<one request at a time / 16 in flight> (target 4.0) PASS|FAIL` (200 runs on an S3 API 20 ms away: seconds of a dashboard's first listing and of its rescans, S3 requests per listing; about 3 minutes on 2 cores)
 """Listing a runs folder on S3: the dashboard's scan against the same scan one request at a time.
 
-200 run folders (10 sweeps of 15 runs and 50 single runs, each with spec.yaml, a 40-line metrics.jsonl,
-summary.json for most, a checkpoint folder and Ray's folder) are uploaded to moto_server. Between the
+200 run folders (10 sweeps of 15 runs and 50 single runs, each with spec.yaml and run.json, a 40-line
+metrics.jsonl, summary.json for most, a checkpoint folder and Ray's folder) are uploaded to moto_server. Between the
 dashboard and moto sits a loopback proxy that holds every request for `--rtt-ms` (20 ms: a client in the
 same region as its bucket sees 10-50 ms per S3 request) and counts requests. Timed, interleaved:
   sequential: the scan as the dashboard did it before, one request in flight, each file read as
@@ -31,11 +31,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_report import result_line, write_report  # noqa: E402
-from dashboard_list_runs import write_folder  # noqa: E402
-from s3_server import KEY_ID, REGION, SECRET, new_bucket, s3fs_for, start_moto, stop  # noqa: E402
+from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults
 
-from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults  # noqa: E402
+from bench_report import result_line, write_report
+from dashboard_list_runs import write_folder
+from s3_server import KEY_ID, REGION, SECRET, new_bucket, s3fs_for, start_moto, stop
 
 apply_entry_point_defaults()  # offline model hubs, local Ray settings, as the command line sets them
 apply_defaults({"NO_ALBUMENTATIONS_UPDATE": "1"})  # img2dataset's albumentations: no update check
@@ -84,7 +84,7 @@ class _Forward(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward  # noqa: N815 - the names http.server dispatches to
 
     def log_message(self, *args) -> None:
         pass

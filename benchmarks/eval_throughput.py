@@ -32,13 +32,13 @@ import sys
 import time
 from pathlib import Path
 
-from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults  # noqa: E402
+from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults
 
 apply_entry_point_defaults()  # offline model hubs, local Ray settings, as the command line sets them
 apply_defaults({"NO_ALBUMENTATIONS_UPDATE": "1"})  # img2dataset's albumentations: no update check
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import result_line, write_report  # noqa: E402
+from bench_report import result_line, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "eval_throughput.json"

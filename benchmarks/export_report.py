@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults  # noqa: E402
+from clipforge.runtime.environment import apply_defaults, apply_entry_point_defaults
 
 apply_entry_point_defaults()  # offline model hubs, local Ray settings, as the command line sets them
 apply_defaults({"NO_ALBUMENTATIONS_UPDATE": "1"})  # img2dataset's albumentations: no update check

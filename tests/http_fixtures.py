@@ -107,7 +107,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up: what a drip is there to test
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         parts = urlsplit(self.path)
         q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         path = parts.path

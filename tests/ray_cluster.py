@@ -95,7 +95,7 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
 def running_head() -> Iterator[str]:
     """Start a private Ray head (dashboard + job server) on 127.0.0.1, yield its dashboard URL, stop it."""
     try:
-        import ray.dashboard.optional_deps  # noqa: F401
+        import ray.dashboard.optional_deps  # noqa: F401 - imported only to see whether it is installed
     except ImportError as e:
         pytest.skip(f"Ray's job server needs ray[default] ({e})")
     # A short temp dir: Ray's unix socket paths live under it and must stay short.

@@ -35,7 +35,7 @@ def start_moto(timeout_s: float = 90) -> tuple[subprocess.Popen, str]:
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto_server did not start on port {port}")
+                raise RuntimeError(f"moto_server did not start on port {port}") from None
             time.sleep(0.2)
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -45,7 +45,7 @@ def _connect(address: str | None, timeout_s: float):
 def _quiet_ray_client() -> None:
     # The job client logs its HTTP chatter at INFO (and sets that level when imported, hence the import
     # first); the commands print what matters themselves.
-    import ray.job_submission  # noqa: F401
+    import ray.job_submission  # noqa: F401 - imported for its side effect on the log levels, undone below
 
     for name in ("ray", "ray.dashboard", "ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -244,9 +244,10 @@ def render_kuberay(
     if s.kind == "sweep":
         raise SpecError(f"{spec}: a sweep is many jobs and has no single RayJob; run it with `clipforge submit` "
                         "against the cluster, or render its base spec")
-    given = {"image": image, "namespace": namespace, "head_cpus": head_cpus, "head_memory_gib": head_memory_gib,
-             "memory_gib_per_cpu": memory_gib_per_cpu, "ttl_seconds_after_finished": ttl_seconds_after_finished,
-             "backoff_limit": backoff_limit, "submission_mode": submission_mode}
+    given: dict[str, Any] = {
+        "image": image, "namespace": namespace, "head_cpus": head_cpus, "head_memory_gib": head_memory_gib,
+        "memory_gib_per_cpu": memory_gib_per_cpu, "ttl_seconds_after_finished": ttl_seconds_after_finished,
+        "backoff_limit": backoff_limit, "submission_mode": submission_mode}
     try:
         options = KubeRayOptions(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:

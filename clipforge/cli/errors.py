@@ -31,9 +31,11 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 class CommandGroup(typer.core.TyperGroup):
     """Click group whose invocation turns every error into a message and an exit code (see module doc)."""
 
-    def invoke(self, ctx: click.Context):
+    # typer ships its own copy of click (typer._click), whose Context its groups are handed; the type checker sees
+    # that Context as unrelated to click's. (Errors of that copy are not click's either: see the except below.)
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
-            return super().invoke(ctx)
+            return super().invoke(ctx)  # type: ignore[arg-type]
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
             raise  # an exit already decided (here or in a nested group), usage errors (exit 2), aborted prompts
         except UserError as e:

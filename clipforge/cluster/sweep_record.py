@@ -25,14 +25,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from clipforge.cluster.sweep_children import Child, join_path, storage_root
 from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
-from clipforge.runtime.run_dir import dump_spec
+from clipforge.runtime.run_dir import ERROR_FILE, FINISH_FILES, SWEEP_FILE, dump_spec
 
 log = logging.getLogger(__name__)
 
-SWEEP_FILE = "sweep.json"
-ERROR_FILE = "error.json"  # the dashboard shows a run whose newest file this is as failed
-# The file each kind writes into its run directory when the job has completed.
-FINISH_MARKERS = {"build": "stats.json", "train": "summary.json", "eval": "results.json"}
 TERMINAL = ("finished", "failed", "stopped")
 
 
@@ -82,7 +78,7 @@ def _read_previous(path: str) -> dict:
 
 
 def finish_marker(child: Child) -> str:
-    return join_path(child.run_dir, FINISH_MARKERS[child.spec.kind])
+    return join_path(child.run_dir, FINISH_FILES[child.spec.kind])
 
 
 def has_finished(child: Child) -> bool:
@@ -148,7 +144,8 @@ class SweepRecord:
         entry.update(status="running", started=_now(), _t0=time.time())
         if job_id:
             entry["job_id"] = job_id
-        # A rerun must not leave the last failure's marker behind for the dashboard.
+        # A rerun must not leave the last failure's marker behind: the dashboard shows a run whose newest file
+        # is error.json as failed.
         fs, p = fsspec.core.url_to_fs(join_path(child.run_dir, ERROR_FILE))
         if _quietly(fs.exists, p):
             _quietly(fs.rm_file, p)

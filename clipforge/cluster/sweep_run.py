@@ -36,7 +36,7 @@ def _run_child_here(child_spec) -> str | None:
     """Run one child in this process; None when it finished, else why it failed."""
     try:
         run_single_job(child_spec)
-    except Exception as e:  # noqa: BLE001 - a failed child is recorded, the sweep goes on
+    except Exception as e:  # a failed child is recorded, the sweep goes on
         log.debug("child %s failed", child_spec.name, exc_info=True)
         return failure_text(e)
     return None
@@ -72,7 +72,8 @@ def _run_as_tasks(children: list[Child], record: SweepRecord, max_concurrent: in
     import ray
 
     task = ray.remote(num_cpus=CHILD_DRIVER_CPUS, max_retries=0)(_child_task)
-    queue, running = list(children), {}
+    queue = list(children)
+    running: dict[ray.ObjectRef, Child] = {}  # the task of each running child
     try:
         while queue or running:
             while queue and len(running) < max_concurrent:

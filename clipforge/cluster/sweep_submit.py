@@ -99,7 +99,7 @@ def submit_sweep(client, spec, *, working_dir: str | Path | None = None, entrypo
             continue
         job_id = record.previous_job(child)
         status = _status_or_none(client, job_id) if job_id else None
-        if status in IN_PROGRESS or (status == "SUCCEEDED" and has_finished(child)):
+        if job_id is not None and (status in IN_PROGRESS or (status == "SUCCEEDED" and has_finished(child))):
             record.adopt(child)
             follower.track(child, job_id, status)
         else:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import TYPE_CHECKING
 
-from clipforge.dashboard.details import CHECKPOINTS_DIR, list_checkpoints, read_metrics, run_dir, run_payload
+from clipforge.dashboard.details import list_checkpoints, read_metrics, run_dir, run_payload
 from clipforge.dashboard.model_cost import ModelCosts
 from clipforge.dashboard.runs import RunIndex
 from clipforge.dashboard.scaling import DEFAULT_BINS_PER_DECADE
@@ -18,6 +19,10 @@ from clipforge.dashboard.scaling_view import scaling_payload
 from clipforge.dashboard.spec import DashboardSpec
 from clipforge.dashboard.sweeps import swept_fields
 from clipforge.dashboard.tree import PathNotFound, PathRefused, clean_relpath, open_tree
+from clipforge.runtime.run_dir import CHECKPOINTS_DIR
+
+if TYPE_CHECKING:
+    from clipforge.dashboard.tryit import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ class Dashboard:
         self.tree = open_tree(spec.runs)
         self.costs = costs or ModelCosts(enabled=spec.estimate_compute)
         self.index = RunIndex(self.tree, spec, self.costs)
-        self._predictor = None
+        self._predictor: Predictor | None = None  # built on the first "try it" request
 
     # -- request checks -------------------------------------------------------------------------
 
@@ -172,7 +177,7 @@ class Dashboard:
         t0 = time.perf_counter()
         try:
             result = self._predictor.predict(model_name, self.tree.location(rel), image, captions)
-        except Exception as e:  # noqa: BLE001 - a checkpoint that does not load is the user's to know about
+        except Exception as e:  # a checkpoint that does not load is the user's to know about
             log.exception("try it: %s", rel)
             return error(500, f"cannot run checkpoint {rel}: {type(e).__name__}: {e}")
         result["checkpoint"] = rel

@@ -6,10 +6,10 @@ import json
 import yaml
 
 from clipforge.dashboard.metrics_log import Chunk, parse_records
-from clipforge.dashboard.runs import METRICS_FILE, SPEC_FILE, SUMMARY_FILE, RunDir, read_eval_results
+from clipforge.dashboard.runs import RunDir, as_mapping, read_eval_results
 from clipforge.dashboard.tree import Entry, PathNotFound, RunTree, join_rel
+from clipforge.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, SPEC_FILE, SUMMARY_FILE
 
-CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_META = "meta.json"
 
 
@@ -83,8 +83,8 @@ def list_checkpoints(tree: RunTree, run: RunDir) -> list[dict]:
             continue  # still being written, or not a checkpoint
         if not isinstance(meta, dict):
             continue
-        spec = meta.get("spec") if isinstance(meta.get("spec"), dict) else {}
-        model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
+        spec = as_mapping(meta.get("spec"))
+        model = as_mapping(spec.get("model"))
         out.append({
             "id": path,
             "run": run.id,

@@ -10,9 +10,7 @@ import json
 
 from clipforge.dashboard.metrics_log import is_finite_number, merge_best
 from clipforge.dashboard.tree import Entry, RunTree, join_rel
-
-EVAL_SUBDIRS = ("eval", "evals")
-RESULTS_FILE = "results.json"
+from clipforge.runtime.run_dir import EVAL_DIRS
 
 
 def is_eval_result(obj) -> bool:
@@ -50,7 +48,7 @@ def best_of(results: list[dict]) -> dict[str, float]:
 def eval_files(tree: RunTree, run_id: str, entries: dict[str, Entry]) -> list[tuple[str, Entry]]:
     """(path, entry) of the JSON files that may hold eval results of a run, in a stable order."""
     found: list[tuple[str, Entry]] = []
-    for sub in EVAL_SUBDIRS:
+    for sub in EVAL_DIRS:
         e = entries.get(sub)
         if e is None or not e.is_dir:
             continue

@@ -202,16 +202,13 @@ def _best_of_eval_values(whole: bytes, pos: int, decoded: dict[int, dict | None]
         pos = whole.find(_EVAL_MARK, m.end())
     for key, (v, pos) in best.items():
         start = whole.rfind(b"\n", 0, pos) + 1
-        rec = decoded.get(start, _NOT_DECODED)
-        if rec is _NOT_DECODED:
-            rec = decoded[start] = parse_line(whole[start:whole.find(b"\n", pos)])
+        if start not in decoded:
+            decoded[start] = parse_line(whole[start:whole.find(b"\n", pos)])
+        rec = decoded[start]
         held = None if rec is None else rec.get(EVAL_PREFIX + key)
         if not is_finite_number(held) or held != v:
             return None
     return {key: v for key, (v, _) in best.items()}
-
-
-_NOT_DECODED = object()
 
 
 def _eval_values_line_by_line(whole: bytes) -> dict[str, float]:

@@ -80,9 +80,8 @@ class ModelCosts:
     def get(self, model_name: str | None) -> ModelCost | None:
         if not isinstance(model_name, str) or not self.enabled:
             return None  # a spec may name its model with a number: nothing to build
-        known = self._known.get(model_name, self)  # without the lock: a listing asks once per run
-        if known is not self:
-            return known
+        if model_name in self._known:  # without the lock (entries are only added): a listing asks once per run
+            return self._known[model_name]
         if not _buildable(model_name):
             return None
         with self._lock:

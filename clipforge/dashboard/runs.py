@@ -4,6 +4,9 @@ A run directory holds metrics.jsonl, summary.json or results.json (an eval job's
 spec.yaml (a training run that has not logged yet). A directory with sweep.json, or any directory
 holding run directories, is a group (a sweep): its runs show it in the `sweep` column.
 
+The spec columns (kind, name, model, trainable) come from the run's index run.json; runs written before
+it existed have only spec.yaml, whose head is read instead (clipforge.runtime.run_dir: the same fields).
+
 Status: `failed` if FAILED or error.json is newer than the run's other files, `finished` if
 summary.json exists (eval outputs are finished), `running` if metrics.jsonl changed within the
 running window, else `stopped`.
@@ -25,26 +28,35 @@ from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 from clipforge.dashboard import sweeps
-from clipforge.dashboard.evals import EVAL_SUBDIRS, RESULTS_FILE, best_of, eval_files, read_results
+from clipforge.dashboard.evals import best_of, eval_files, read_results
 from clipforge.dashboard.metrics_log import MetricsDigest
 from clipforge.dashboard.model_cost import ModelCosts
 from clipforge.dashboard.spec import DashboardSpec
-from clipforge.dashboard.spec_header import spec_header
 from clipforge.dashboard.tree import Entry, PathNotFound, RunTree, join_rel
+from clipforge.runtime.run_dir import (
+    CHECKPOINTS_DIR,
+    EVAL_DIRS,
+    FAILURE_FILES,
+    INDEX_FILE,
+    METRICS_FILE,
+    RAY_DIR,
+    RESULTS_FILE,
+    SPEC_FILE,
+    SUMMARY_FILE,
+    SWEEP_FILE,
+    index_from_spec_yaml,
+    read_index,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-SPEC_FILE = "spec.yaml"
-FAILURE_FILES = ("FAILED", "error.json")
 _FAILURE_NAMES = frozenset(FAILURE_FILES)
-_EVAL_DIR_NAMES = frozenset(EVAL_SUBDIRS)
+_EVAL_DIR_NAMES = frozenset(EVAL_DIRS)
 RUN_MARKERS = (METRICS_FILE, SUMMARY_FILE, RESULTS_FILE)
 # Folders inside runs that never hold other runs, and are often large.
-SKIP_DIRS = {"checkpoints", "ray", "__pycache__", "node_modules"}
+SKIP_DIRS = {CHECKPOINTS_DIR, RAY_DIR, "__pycache__", "node_modules"}
 
 
 @dataclass
@@ -117,17 +129,17 @@ def _visit(tree: RunTree, rel: str, depth: int, listing: list[Entry], max_depth:
            groups: dict[str, Group], frontier: list[tuple[str, int]]) -> None:
     """Record folder `rel` as a run and/or group, and queue its subfolders in `frontier`."""
     entries = {e.name: e for e in listing}
-    is_group = sweeps.SWEEP_FILE in entries
+    is_group = SWEEP_FILE in entries
     if not is_group and _has_run_marker(entries):
         runs.append(RunDir(rel, {e.name: e for e in tree.with_stats(rel, listing)}))
         return
     if is_group:
-        sweep = sweeps.read_sweep_file(tree, join_rel(rel, sweeps.SWEEP_FILE))
+        sweep = sweeps.read_sweep_file(tree, join_rel(rel, SWEEP_FILE))
         groups[rel] = Group(rel, sweep=sweep, child_values=sweeps.child_values(sweep))
     # A directory with only spec.yaml is a run that has not logged yet, unless runs are found below it.
     pending_run = SPEC_FILE in entries and not is_group
     if depth < max_depth:
-        skip = SKIP_DIRS | set(EVAL_SUBDIRS) if pending_run else SKIP_DIRS
+        skip = SKIP_DIRS | _EVAL_DIR_NAMES if pending_run else SKIP_DIRS
         for e in sorted(listing):  # by name: names in a folder are unique
             if e.is_dir and not e.name.startswith(".") and e.name not in skip:
                 frontier.append((_child(rel, e.name), depth + 1))
@@ -239,9 +251,9 @@ class RunIndex:
         """The up-to-date row of one run, re-reading only that run's folder when the last scan knew it
         (a run page polls every few seconds; rescanning thousands of runs for it would be waste)."""
         with self._lock:
-            known = self._snapshot is not None and any(r["id"] == run_id for r in self._snapshot[1])
-            if known:
-                _, rows, groups = self._snapshot
+            snapshot = self._snapshot
+            if snapshot is not None and any(r["id"] == run_id for r in snapshot[1]):
+                _, rows, groups = snapshot
                 try:
                     entries = {e.name: e for e in self.tree.listdir(run_id)}
                 except (PathNotFound, OSError):
@@ -264,27 +276,40 @@ class RunIndex:
             c = self._cache[run.id] = _Cached()
         before = dict(c.sigs)
         e = run.entries
-        sig = files.get(SPEC_FILE)
-        if sig != c.sigs.get(SPEC_FILE):
-            c.header = {}
-            if sig is not None:
-                try:
-                    c.header = spec_header(self.tree.read_text(_child(run.id, SPEC_FILE), size=sig[0]))
-                except Exception:  # noqa: BLE001 - a broken spec leaves the spec columns blank
-                    c.header = {}
-            c.sigs[SPEC_FILE] = sig
-        sig = files.get(SUMMARY_FILE)
-        if sig != c.sigs.get(SUMMARY_FILE):
-            c.summary = _read_json(self.tree, _child(run.id, SUMMARY_FILE), sig[0]) if sig else None
-            c.sigs[SUMMARY_FILE] = sig
+        header_sig = (files.get(INDEX_FILE), files.get(SPEC_FILE))
+        if header_sig != c.sigs.get("header"):
+            c.header = self._read_header(run.id, *header_sig)
+            c.sigs["header"] = header_sig
+        summary_sig = files.get(SUMMARY_FILE)
+        if summary_sig != c.sigs.get(SUMMARY_FILE):
+            c.summary = _read_json(self.tree, _child(run.id, SUMMARY_FILE), summary_sig[0]) if summary_sig else None
+            c.sigs[SUMMARY_FILE] = summary_sig
         self._refresh_metrics(run, c, files.get(METRICS_FILE))
         self._refresh_evals(run, c)
-        sig = tuple([files.get(n) for n in FAILURE_FILES])
-        if sig != c.sigs.get("failure"):
-            c.failure = _failure_message(self.tree, run.id, e) if any(sig) else None
-            c.sigs["failure"] = sig
+        failure_sig = tuple([files.get(n) for n in FAILURE_FILES])
+        if failure_sig != c.sigs.get("failure"):
+            c.failure = _failure_message(self.tree, run.id, e) if any(failure_sig) else None
+            c.sigs["failure"] = failure_sig
         c.changed = c.sigs != before
         return c
+
+    def _read_header(self, run_id: str, index_sig: tuple[int, float] | None,
+                     spec_sig: tuple[int, float] | None) -> dict:
+        """The spec fields of the table: from run.json, else (runs written before it existed, or a run.json that
+        is half-written or not clipforge's) from spec.yaml; {} when neither can be read."""
+        if index_sig is not None:
+            try:
+                index = read_index(self.tree.read_bytes(_child(run_id, INDEX_FILE), size=index_sig[0]))
+            except (OSError, ValueError, RecursionError):  # unreadable, half-written or absurdly nested
+                index = None
+            if index is not None:
+                return index
+        if spec_sig is None:
+            return {}
+        try:
+            return index_from_spec_yaml(self.tree.read_text(_child(run_id, SPEC_FILE), size=spec_sig[0]))
+        except Exception:  # noqa: BLE001 - a broken spec leaves the spec columns blank
+            return {}
 
     def _refresh_metrics(self, run: RunDir, c: _Cached, sig: tuple[int, float] | None) -> None:
         if sig == c.sigs.get(METRICS_FILE):
@@ -332,7 +357,7 @@ class RunIndex:
         parent = run.id.rsplit("/", 1)[0] if "/" in run.id else ""
         group = groups.get(parent)
         header = c.header
-        model_section = header.get("model") if isinstance(header.get("model"), dict) else {}
+        model_section = as_mapping(header.get("model"))
         model = model_section.get("name") or c.eval_model
         e = run.entries
         kind = header.get("kind") or ("eval" if RESULTS_FILE in e else "train" if METRICS_FILE in e else "run")
@@ -400,6 +425,11 @@ class RunIndex:
 _LARGEST_FLOAT_INT = int(sys.float_info.max)
 
 
+def as_mapping(value: object) -> dict:
+    """`value` if it is a mapping, else an empty one (a section of a file written by hand may hold anything)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _number(v) -> float | int | None:
     """`v` if it is a usable number, else None. Called a dozen times per row: the usual cases come first."""
     if v is None:
@@ -422,6 +452,7 @@ def _wall_seconds(summary: dict, digest: MetricsDigest, last: dict, entries: dic
     if end is None:
         return None
     spec_entry = entries.get(SPEC_FILE)
+    start: float | None
     if spec_entry is not None and spec_entry.mtime <= end:
         start = spec_entry.mtime  # written when the run started
     else:

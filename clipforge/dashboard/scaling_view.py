@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ def scaling_payload(rows: list[dict], group: str, metric: str | None, bins_per_d
     for r in members:
         value = r.get("evals", {}).get(metric) if metric else None
         compute = r.get("compute")
-        if value is None or compute is None:
+        if metric is None or value is None or compute is None:
             skipped.append({"id": r["id"], "reason": "no compute estimate" if compute is None else f"no {metric}"})
             continue
         err = error_of(metric, value)
@@ -51,7 +52,7 @@ def scaling_payload(rows: list[dict], group: str, metric: str | None, bins_per_d
             continue
         points.append({"id": r["id"], "name": r["name"], "compute": compute, "error": err,
                        "samples_seen": r.get("samples_seen"), "model": r.get("model"), "swept": r.get("swept")})
-    out = {"group": group, "metric": metric, "metrics": metrics, "bins_per_decade": bins_per_decade,
+    out: dict[str, Any] = {"group": group, "metric": metric, "metrics": metrics, "bins_per_decade": bins_per_decade,
            "points": points, "skipped": skipped, "frontier": [], "fit": None, "curve": [], "target": None,
            "fit_error": None, "compute_unit": "GMAC"}
     if len(points) < 2:
@@ -79,6 +80,8 @@ def scaling_payload(rows: list[dict], group: str, metric: str | None, bins_per_d
             out["target"] = {"error": target_error, "compute": None, "message": str(e)}
     grid = np.logspace(math.log10(lo_c) - 0.1, math.log10(hi_c) + 0.1, CURVE_POINTS)
     mid = fit.predict(grid)
+    band_lo: np.ndarray | list[None]
+    band_hi: np.ndarray | list[None]
     if math.isfinite(fit.se_alpha):
         band_lo, band_hi = fit.band(grid)
     else:

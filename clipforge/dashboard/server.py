@@ -16,6 +16,7 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
 from clipforge.dashboard.app import Dashboard
@@ -80,7 +81,8 @@ class DashboardServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        # An IPv4/IPv6 server's address starts (host, port); typeshed also allows a Unix socket's path in bytes.
+        host, port = cast("tuple[str, int]", self.server_address[:2])
         shown = f"[{host}]" if ":" in host else host
         return f"http://{shown}:{port}"
 
@@ -119,10 +121,10 @@ class Handler(BaseHTTPRequestHandler):
         # One decoding only: '%252e' arrives as the literal '%2e', which path checks refuse.
         return {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
 
-    def do_HEAD(self) -> None:  # noqa: N802 - http.server naming
+    def do_HEAD(self) -> None:
         self.do_GET()
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if not self._host_allowed():
             return self._json(HTTPStatus.FORBIDDEN, {"error": "unexpected Host header"})
         parts = urlsplit(self.path)
@@ -133,7 +135,7 @@ class Handler(BaseHTTPRequestHandler):
         if path in api:
             try:
                 status, payload = app.handle(api[path], params)
-            except Exception as e:  # noqa: BLE001 - one bad run folder must not take the page down
+            except Exception as e:  # one bad run folder must not take the page down
                 log.exception("GET %s", self.path)
                 status, payload = 500, {"error": f"{type(e).__name__}: {e}"}
             return self._json(status, payload)
@@ -149,7 +151,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(200, body, CONTENT_TYPES[Path(name).suffix], cache="max-age=60")
         return self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {path}"})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         if not self._host_allowed():
             return self._json(HTTPStatus.FORBIDDEN, {"error": "unexpected Host header"})
         if urlsplit(self.path).path != "/api/try":

@@ -11,7 +11,6 @@ import json
 
 from clipforge.dashboard.tree import RunTree
 
-SWEEP_FILE = "sweep.json"
 _FIELD_KEYS = ("fields", "swept", "parameters", "axes")
 _CHILD_LIST_KEYS = ("children", "runs", "trials")
 _CHILD_NAME_KEYS = ("dir", "name", "path", "id", "run")
@@ -37,8 +36,8 @@ def swept_fields(sweep: dict) -> list[str]:
             for item in value:
                 if isinstance(item, str):
                     out.append(item)
-                elif isinstance(item, dict) and isinstance(item.get("field") or item.get("name"), str):
-                    out.append(item.get("field") or item.get("name"))
+                elif isinstance(item, dict) and isinstance(name := item.get("field") or item.get("name"), str):
+                    out.append(name)
             return out
     return []
 

@@ -19,7 +19,7 @@ class TryError(ValueError):
     """Bad input to the 'try it' page: the message says what to fix."""
 
 
-def decode_image(data_url: str, max_bytes: int):
+def decode_image(data_url: object, max_bytes: int):
     """A PIL RGB image from a `data:image/...;base64,...` URL (what the page's file reader produces)."""
     from PIL import Image, UnidentifiedImageError
 

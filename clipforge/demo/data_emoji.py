@@ -5,6 +5,7 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -51,7 +52,8 @@ def _font(path: str) -> ImageFont.FreeTypeFont:
 def render_emoji(root: Path, emoji: Emoji) -> Image.Image:
     """Draw one emoji in colour, centred on a white square canvas (RGB)."""
     font = _font(str(root / FONT_PATH))
-    left, top, right, bottom = font.getbbox(emoji.text)
+    # Whole pixels at stroke width 0; Pillow annotates floats for fractional stroke widths.
+    left, top, right, bottom = cast("tuple[int, int, int, int]", font.getbbox(emoji.text))
     side = max(right - left, bottom - top, 1)
     glyph = Image.new("RGBA", (side, side), (255, 255, 255, 0))
     offset = ((side - (right - left)) // 2 - left, (side - (bottom - top)) // 2 - top)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -48,7 +49,9 @@ def shrink(img: Image.Image, max_side: int = MAX_SIDE) -> Image.Image:
 
 def is_blank(img: Image.Image) -> bool:
     """True for one flat colour (e.g. an all-white render) or a near-invisible speck on white."""
-    if all(hi - lo < _MIN_SPREAD for lo, hi in img.convert("RGB").getextrema()):
+    # An RGB image's extrema are one (low, high) pair per band; Pillow's annotation also allows a one-band pair.
+    extrema = cast("tuple[tuple[int, int], ...]", img.convert("RGB").getextrema())
+    if all(hi - lo < _MIN_SPREAD for lo, hi in extrema):
         return True
     gray = np.asarray(img.convert("L"))
     return float((gray < _INK_LEVEL).mean()) < _MIN_INK

@@ -1,10 +1,11 @@
 """The demo's report: metrics of the model before and after training, side by side, plus a loss curve."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
+
+from clipforge.runtime.run_dir import read_metrics
 
 RETRIEVAL_KEYS = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)]
 ZEROSHOT_KEYS = ["acc1", "acc5", "mean_per_class_recall"]
@@ -24,16 +25,10 @@ def _counts(results: list[dict], task: str) -> dict[str, Any]:
     return {}
 
 
-def read_losses(metrics_jsonl: Path) -> list[tuple[int, float]]:
-    out = []
-    for line in metrics_jsonl.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a half-written last line while the run was live
-        if "loss" in rec and "step" in rec:
-            out.append((int(rec["step"]), float(rec["loss"])))
-    return out
+def read_losses(train_run: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every training line of the run's metrics log."""
+    return [(int(rec["step"]), float(rec["loss"])) for rec in read_metrics(str(train_run))
+            if "loss" in rec and "step" in rec]
 
 
 def plot_losses(losses: list[tuple[int, float]], path: Path, title: str) -> None:
@@ -80,7 +75,8 @@ def make_report(untrained: list[dict], trained: list[dict], train_summary: dict,
         "trained": after,
         "chance": {"image_retrieval_recall@1": chance_r1, "acc1": chance_acc1},
         "ratios_to_chance": {
-            "image_retrieval_recall@1": after["retrieval"]["image_retrieval_recall@1"] / chance_r1 if n_images else None,
+            "image_retrieval_recall@1": (after["retrieval"]["image_retrieval_recall@1"] / chance_r1
+                                         if n_images else None),
             "acc1": after["zeroshot"]["acc1"] / chance_acc1,
         },
         "checks": checks,

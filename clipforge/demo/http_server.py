@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, cast
 
 
 class _FilesOnlyHandler(SimpleHTTPRequestHandler):
@@ -27,7 +27,7 @@ class _FilesOnlyHandler(SimpleHTTPRequestHandler):
         # Keep a trailing slash: the base class answers 404 for "file.png/".
         return str(resolved) + ("/" if translated.endswith("/") and resolved != root else "")
 
-    def list_directory(self, path):  # noqa: ARG002 - signature fixed by the base class
+    def list_directory(self, path):
         self.send_error(HTTPStatus.NOT_FOUND, "File not found")
         return None
 
@@ -47,7 +47,8 @@ def serve_directory(root: Path, host: str = "127.0.0.1", port: int = 0) -> Itera
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name=f"http-{root.name}", daemon=True)
     thread.start()
-    bound_host, bound_port = server.server_address[:2]
+    # An IPv4/IPv6 server's address starts (host, port); typeshed also allows a Unix socket's path in bytes.
+    bound_host, bound_port = cast("tuple[str, int]", server.server_address[:2])
     try:
         yield f"http://{bound_host}:{bound_port}"
     finally:

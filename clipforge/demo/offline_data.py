@@ -367,7 +367,8 @@ def _load_if_complete(out_dir: Path, params: dict) -> DemoData | None:
     )
     try:
         paths = [
-            p for listed in (data.train_list, data.heldout_list) for p in pd.read_parquet(listed, columns=["path"])["path"]
+            p for listed in (data.train_list, data.heldout_list)
+            for p in pd.read_parquet(listed, columns=["path"])["path"]
         ]
     except (OSError, ValueError, KeyError):
         return None

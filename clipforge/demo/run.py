@@ -15,7 +15,7 @@ import yaml
 from clipforge.demo import demo_specs
 from clipforge.demo.demo_report import format_table, make_report, plot_losses, read_losses
 from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
-from clipforge.specbase import USER_SPEC
+from clipforge.specbase import USER_SPEC, Spec
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ def _spec(raw: dict, path: Path):
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    kind = {"build": BuildSpec, "train": TrainSpec, "eval": EvalSpec}[raw["kind"]]
-    return kind.model_validate(raw, context=USER_SPEC)
+    kinds: dict[str, type[Spec]] = {"build": BuildSpec, "train": TrainSpec, "eval": EvalSpec}
+    return kinds[raw["kind"]].model_validate(raw, context=USER_SPEC)
 
 
 # What the demo writes at the top of its folder.
@@ -61,13 +61,14 @@ def run_demo(opts: DemoOptions) -> Path:
                         signature=("specs",))
     claim_output_folder(str(out), owner)
     timings: dict[str, float] = {}
+    stage_start = time.time()
 
     def stage(name: str):
-        timings[name] = round(time.time() - stage.t, 2)
-        stage.t = time.time()
+        nonlocal stage_start
+        timings[name] = round(time.time() - stage_start, 2)
+        stage_start = time.time()
         log.info("demo: %s done in %.1f s", name, timings[name])
 
-    stage.t = time.time()
     data = prepare_demo_data(opts.data_cache.resolve(), out / "data", max_train=size.max_train,
                              heldout=size.heldout, fashion_per_class=size.fashion_per_class, seed=opts.seed)
     stage("data")
@@ -99,7 +100,7 @@ def run_demo(opts: DemoOptions) -> Path:
         trained = evaluate("trained", str(train_dir))
         stage("eval_trained")
 
-    losses = read_losses(train_dir / "metrics.jsonl")
+    losses = read_losses(train_dir)
     plot_losses(losses, out / "loss.png", f"clipforge demo: {size.model} ({size.trainable})")
     report = make_report(untrained, trained, train_summary, losses, extra={
         "model": size.model,

@@ -74,7 +74,8 @@ class FeatureStore:
         if self.fs is None:
             return
         buf = io.BytesIO()
-        np.savez(buf, meta=np.asarray(json.dumps(meta or {}, sort_keys=True, default=str)), **arrays)
+        # mypy matches **arrays against savez's allow_pickle flag too; its keys are array names.
+        np.savez(buf, meta=np.asarray(json.dumps(meta or {}, sort_keys=True, default=str)), **arrays)  # type: ignore[arg-type]
         path = self._file(kind, key)
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"

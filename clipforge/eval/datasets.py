@@ -4,6 +4,10 @@ class-per-folder image trees, IDX files.
 The loaders return light "items" (`{"idx", "bytes"}` or `{"idx", "path", "stamp"}`) that the Ray Data
 embedding pipeline decodes in parallel; nothing is decoded here. `stamp` (size and modification
 time) identifies a file's version for the embedding cache without reading it.
+
+Shards are read with clipforge.runtime.tar_shard_reader: consecutive members that share a key form a
+sample, and a damaged shard (not a tar, cut short) is an error that names it, never a silently
+smaller evaluation set.
 """
 from __future__ import annotations
 
@@ -12,15 +16,14 @@ import io
 import json
 import posixpath
 import re
-import tarfile
 
 import fsspec
 from fsspec.core import url_to_fs
 
+from clipforge.runtime.tar_shard_reader import iter_shard_samples
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
 _GLOB_CHARS = re.compile(r"[*?\[]")
-# WebDataset sample key: the member path up to the first dot of its file name; the rest is the field.
-_KEY_FIELD = re.compile(r"^((?:.*/|)[^./][^/]*?)\.([^/]*)$")
 
 
 def _expand(path: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -48,22 +51,10 @@ def expand_shards(shards: list[str]) -> list[str]:
 
 
 def _read_shard(url: str) -> list[tuple[str, dict[str, bytes]]]:
-    """Samples of one tar shard in file order: (key, {field: bytes})."""
-    samples: dict[str, dict[str, bytes]] = {}
-    try:
-        with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                m = _KEY_FIELD.match(member.name)
-                if m is None:
-                    continue  # e.g. __index__ files or names without an extension
-                key, field = m.group(1), m.group(2).lower()
-                data = tar.extractfile(member).read()
-                samples.setdefault(key, {})[field] = data
-    except tarfile.TarError as e:
-        raise ValueError(f"{url}: not a readable tar shard ({e})") from None
-    return list(samples.items())
+    """Samples of one tar shard in file order: (key, {field: bytes}). Raises ShardReadError (a ValueError)
+    naming the shard when it is damaged, ShardFormatError when a sample repeats a field."""
+    return [(sample["__key__"], {f: v for f, v in sample.items() if not f.startswith("__")})
+            for sample in iter_shard_samples(url)]
 
 
 def _captions(text: bytes, where: str) -> list[str]:
@@ -151,7 +142,7 @@ def _image_url(cell, table_fs, table_dir: str, remote: bool, where: str) -> str:
 
 def _stamps(urls: list[str]) -> dict[str, str]:
     """Size/modification stamps of image files, one listing per folder instead of one request per image."""
-    folders: dict[tuple[int, str], tuple[object, list[tuple[str, str]]]] = {}
+    folders: dict[tuple[int, str], tuple[fsspec.AbstractFileSystem, list[tuple[str, str]]]] = {}
     for url in urls:
         fs, path = url_to_fs(url)
         folders.setdefault((id(fs), posixpath.dirname(path)), (fs, []))[1].append((url, path))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -18,6 +18,11 @@ from torch import Tensor
 from clipforge.models.spec import ModelSpec
 from clipforge.runtime.remote_env import forwarded_env
 from clipforge.specbase import Scaling
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from clipforge.eval.tower_view import FeatureKind
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,7 @@ class EmbedActor:
     CPU, whatever the batch size (see features.CPU_IMAGE_CHUNK).
     """
 
-    def __init__(self, model_spec: ModelSpec, cpus: float, use_gpu: bool = False, output: str = "embedding"):
+    def __init__(self, model_spec: ModelSpec, cpus: float, use_gpu: bool = False, output: FeatureKind = "embedding"):
         from clipforge.models import create_model
 
         torch.set_num_threads(max(1, int(cpus)))
@@ -127,7 +132,7 @@ def embed_images(
     batch_size: int,
     scaling: Scaling,
     preprocess: Callable | None = None,
-    output: str = "embedding",
+    output: FeatureKind = "embedding",
 ) -> tuple[np.ndarray, list[int]]:
     """Embed images with Ray Data (Ray must be initialised, e.g. inside `ray_session`).
 
@@ -156,7 +161,7 @@ def embed_images(
     _warn_if_no_cpu_left(scaling)
     # Only the columns in use, and the same ones on every row, so that all blocks share one Arrow schema.
     columns = [c for c in ("bytes", "path") if any(c in it for it in items)]
-    rows = [{"idx": int(it["idx"]), **{c: it.get(c) for c in columns}} for it in items]
+    rows: list[dict[str, Any]] = [{"idx": int(it["idx"]), **{c: it.get(c) for c in columns}} for it in items]
     for row in rows:
         if row.get("path") is not None:
             row["path"] = _absolute(row["path"])
@@ -168,14 +173,16 @@ def embed_images(
     # one block would feed one actor.
     n_blocks = min(len(rows), max(scaling.workers * 4, -(-len(rows) // _ROWS_PER_BLOCK)))
     decode_batch = max(1, min(_DECODE_BATCH, -(-len(rows) // (scaling.workers * 2))))
-    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+    ds: ray.data.Dataset = ray.data.from_items(rows, override_num_blocks=n_blocks)
+    runtime_env: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     ds = ds.map_batches(
-        _decode_and_preprocess,
+        # Ray types a batch function as taking the batch only; fn_kwargs hands it `preprocess`.
+        _decode_and_preprocess,  # type: ignore[arg-type]
         fn_kwargs={"preprocess": preprocess},
         batch_size=decode_batch,
         batch_format="numpy",
         num_cpus=_DECODE_CPUS,
-        **({"runtime_env": {"env_vars": env}} if env else {}),
+        **runtime_env,
     )
     ds = ds.map_batches(
         EmbedActor,

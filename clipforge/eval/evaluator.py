@@ -18,7 +18,7 @@ import logging
 import math
 import posixpath
 import time
-from collections import Counter
+from collections import defaultdict
 
 import fsspec
 import numpy as np
@@ -38,12 +38,13 @@ from clipforge.models.checkpoint_files import resolve_checkpoint
 from clipforge.models.spec import ModelSpec
 from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
 from clipforge.runtime.ray_session import ray_session
+from clipforge.runtime.run_dir import EVAL_STATS_FILE, RESULTS_CSV_FILE, RESULTS_FILE, RESULTS_MD_FILE
 from clipforge.runtime.storage_errors import storage_errors
 
 log = logging.getLogger(__name__)
 
 LANGUAGE = "en"
-STATS_FILE = "eval_stats.json"
+STATS_FILE = EVAL_STATS_FILE  # what was embedded and what came from the cache, per model
 
 
 def _slug(text: str) -> str:
@@ -75,7 +76,8 @@ class _ModelRun:
         self.bundle = create_model(model_spec)
         self.view: TowerView = tower_view(self.bundle)
         self.transform = describe_transform(self.bundle.preprocess_val)
-        self.stats: Counter = Counter()
+        # Counts of images and texts, and seconds spent (floats).
+        self.stats: dict[str, float] = defaultdict(int)
 
     def _image_key(self, image_set: ImageSet) -> str:
         return cache_key(what="image", tower=self.view.image_key, transform=self.transform, images=image_set.digest)
@@ -145,7 +147,7 @@ class _ModelRun:
         return self.view.project_images(got.features), got
 
 
-def _retrieval(run: _ModelRun, lt: LoadedTask, features) -> dict:
+def _retrieval(run: _ModelRun, lt: LoadedTask, task: RetrievalTask, features) -> dict:
     image_emb, got = run.embedded(lt, lt.images[0], features)
     # Captions of a skipped image have nothing to retrieve: they leave with it.
     row_of_image = np.full(len(lt.images[0].items), -1, dtype=np.int64)
@@ -154,7 +156,7 @@ def _retrieval(run: _ModelRun, lt: LoadedTask, features) -> dict:
     keep_caption = torch.from_numpy(caption_rows >= 0)
     text_emb = run.text_embeddings(lt.captions)[keep_caption]
     metrics = retrieval_metrics(image_emb, text_emb, torch.from_numpy(caption_rows)[keep_caption],
-                                ks=lt.task.recall_k)
+                                ks=task.recall_k)
     metrics.update(n_images=len(got.kept), n_texts=len(text_emb), n_failed=got.n_failed)
     return metrics
 
@@ -169,11 +171,10 @@ def _zeroshot(run: _ModelRun, lt: LoadedTask, features) -> dict:
     return metrics
 
 
-def _probe(run: _ModelRun, lt: LoadedTask, features) -> dict:
+def _probe(run: _ModelRun, lt: LoadedTask, task: LinearProbeTask | FewShotTask, features) -> dict:
     (x_train, train), (x_test, test) = (run.embedded(lt, s, features) for s in lt.images)
     y_train = torch.as_tensor(lt.images[0].labels)[torch.from_numpy(train.kept)]
     y_test = torch.as_tensor(lt.images[1].labels)[torch.from_numpy(test.kept)]
-    task = lt.task
     try:
         if isinstance(task, LinearProbeTask):
             metrics = linear_probe(x_train, y_train, x_test, y_test, lt.n_classes, task.weight_decays,
@@ -192,9 +193,9 @@ def _probe(run: _ModelRun, lt: LoadedTask, features) -> dict:
 def _score(run: _ModelRun, lt: LoadedTask, features) -> dict:
     with torch.no_grad():
         if isinstance(lt.task, RetrievalTask):
-            return _retrieval(run, lt, features)
+            return _retrieval(run, lt, lt.task, features)
         if isinstance(lt.task, (LinearProbeTask, FewShotTask)):
-            return _probe(run, lt, features)
+            return _probe(run, lt, lt.task, features)
         return _zeroshot(run, lt, features)
 
 
@@ -213,21 +214,25 @@ def _shown(metrics: dict) -> dict:
 
 def output_owner(spec: EvalSpec) -> OutputOwner:
     """This job as the owner of its storage folder: result JSON files, merged tables and stats."""
-    return OutputOwner("eval", spec.name, "storage", own_names=("*.json", "results.csv", "results.md"),
-                       signature=("results.json",))
+    return OutputOwner("eval", spec.name, "storage", own_names=("*.json", RESULTS_CSV_FILE, RESULTS_MD_FILE),
+                       signature=(RESULTS_FILE,))
 
 
-def _checkpoint_fields(spec: EvalSpec) -> list[tuple[str, ModelSpec]]:
-    """(spec field, model spec) of every model that loads a checkpoint, to check them before any work."""
-    if spec.models is None:
-        return [("model.checkpoint", spec.model)] if spec.model.checkpoint else []
-    return [(f"models.{i}.checkpoint", m) for i, m in enumerate(spec.models) if m.checkpoint]
+def _checkpoint_fields(spec: EvalSpec) -> list[tuple[str, str]]:
+    """(spec field, checkpoint) of every model that loads a checkpoint, to check them before any work."""
+    if spec.model is not None:
+        return [("model.checkpoint", spec.model.checkpoint)] if spec.model.checkpoint else []
+    assert spec.models is not None  # EvalSpec gives exactly one of `model` and `models`
+    return [(f"models.{i}.checkpoint", m.checkpoint) for i, m in enumerate(spec.models) if m.checkpoint]
 
 
 def task_source(task) -> str:
     """The path a task reads, for messages."""
     if isinstance(task, RetrievalTask):
-        return ", ".join(task.shards) if task.shards is not None else task.table
+        if task.shards is not None:
+            return ", ".join(task.shards)
+        assert task.table is not None  # a retrieval task reads `shards` or a `table`
+        return task.table
     if isinstance(task, (LinearProbeTask, FewShotTask)):
         return task.train.path if task.train.kind == "image_folder" else task.train.images
     source = task.labelled_source()
@@ -241,9 +246,9 @@ def run_eval(spec: EvalSpec) -> list[dict]:
     for i, task in enumerate(spec.tasks):
         with storage_errors(f"tasks.{i}", task_source(task)):
             loaded.append(load_task(task))
-    for field, model_spec in _checkpoint_fields(spec):
-        with storage_errors(field, model_spec.checkpoint):
-            resolve_checkpoint(model_spec.checkpoint)
+    for field, checkpoint in _checkpoint_fields(spec):
+        with storage_errors(field, checkpoint):
+            resolve_checkpoint(checkpoint)
     claim_output_folder(spec.storage, output_owner(spec), overwrite=spec.overwrite)
     with storage_errors("cache", spec.cache or ""):
         store = FeatureStore(spec.cache)
@@ -279,8 +284,8 @@ def run_eval(spec: EvalSpec) -> list[dict]:
                      label, model_spec.name, entry["images_embedded"], entry["images_from_cache"],
                      entry["texts_embedded"], entry["texts_from_cache"], entry["seconds"])
             stats.append(entry)
-    _write_json(fs, posixpath.join(root, "results.json"), results)
-    _write_text(fs, posixpath.join(root, "results.csv"), to_csv(results))
-    _write_text(fs, posixpath.join(root, "results.md"), to_markdown(results))
+    _write_json(fs, posixpath.join(root, RESULTS_FILE), results)
+    _write_text(fs, posixpath.join(root, RESULTS_CSV_FILE), to_csv(results))
+    _write_text(fs, posixpath.join(root, RESULTS_MD_FILE), to_markdown(results))
     _write_json(fs, posixpath.join(root, STATS_FILE), {"cache": spec.cache, "models": stats})
     return results

@@ -34,7 +34,7 @@ def digest_tensors(state: dict[str, torch.Tensor]) -> str:
         t = t.contiguous().reshape(-1)
         if t.dtype == torch.bfloat16:
             t = t.view(torch.int16)  # numpy has no bfloat16; the bits are what matter
-        h.update(memoryview(t.numpy()).cast("B"))
+        h.update(t.numpy().data.cast("B"))
     return h.hexdigest()
 
 
@@ -65,7 +65,7 @@ def digest_array(array: np.ndarray | torch.Tensor) -> str:
     a = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
     h = _new()
     h.update(f"{a.dtype}|{a.shape}|".encode())
-    h.update(memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B"))
+    h.update(np.ascontiguousarray(a).reshape(-1).data.cast("B"))
     return h.hexdigest()
 
 

@@ -10,9 +10,10 @@ import struct
 
 import fsspec
 import numpy as np
+from numpy.typing import DTypeLike
 
-_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
-          0x0E: np.dtype(">f8")}
+_TYPES: dict[int, DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+                                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 _GZIP_MAGIC = b"\x1f\x8b"
 
 

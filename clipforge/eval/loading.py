@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from clipforge.eval.datasets import load_labelled_source, load_retrieval_table, load_retrieval_webdataset
 from clipforge.eval.errors import EvalDataError
 from clipforge.eval.fingerprint import digest_items
-from clipforge.eval.spec import FewShotTask, LinearProbeTask, RetrievalTask, ZeroShotTask
+from clipforge.eval.spec import FewShotTask, IdxSource, LinearProbeTask, RetrievalTask, ZeroShotTask
 from clipforge.eval.templates import get_templates
 
 
@@ -58,6 +58,7 @@ def load_retrieval(task: RetrievalTask) -> tuple[list[dict], list[str], list[int
     """Image items, captions and each caption's image index, from the task's shards or table."""
     if task.shards is not None:
         return load_retrieval_webdataset(task.shards)
+    assert task.table is not None  # a retrieval task reads `shards` or a `table`
     return load_retrieval_table(task.table, task.image_column, task.caption_column, task.table_format)
 
 
@@ -65,8 +66,9 @@ def load_zeroshot(task: ZeroShotTask) -> tuple[list[dict], list[int], list[str]]
     """Image items, labels and the class names prompts are built from, from the task's folder or IDX files."""
     source = task.labelled_source()
     items, labels, folder_names = load_labelled_source(source)
-    if folder_names is None:
+    if isinstance(source, IdxSource):
         # IDX labels are class indices into the given classnames (the spec requires them for IDX files).
+        assert task.classnames is not None
         if not labels:
             raise ValueError(f"{source.images} holds no images")
         top = max(labels)
@@ -74,6 +76,7 @@ def load_zeroshot(task: ZeroShotTask) -> tuple[list[dict], list[int], list[str]]
             raise ValueError(f"{source.labels} holds label {top} but only {len(task.classnames)} classnames are "
                              f"given (labels 0..{len(task.classnames) - 1})")
         return items, labels, task.classnames
+    assert folder_names is not None  # the sub-folder names of an image folder
     classnames = task.classnames or folder_names
     if len(classnames) != len(folder_names):
         raise ValueError(

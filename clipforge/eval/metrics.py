@@ -31,7 +31,8 @@ def _check_retrieval_inputs(image_emb: Tensor, text_emb: Tensor, text_to_image: 
         raise ValueError(f"retrieval needs at least one image and one text; got {len(image_emb)} and {len(text_emb)}")
     if text_to_image.shape != (len(text_emb),):
         raise ValueError(
-            f"text_to_image must hold one image index per text ({len(text_emb)}), got shape {tuple(text_to_image.shape)}"
+            f"text_to_image must hold one image index per text ({len(text_emb)}), "
+            f"got shape {tuple(text_to_image.shape)}"
         )
     lo, hi = int(text_to_image.min()), int(text_to_image.max())
     if lo < 0 or hi >= len(image_emb):

@@ -86,6 +86,7 @@ def select_weight_decay(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: 
         acc = _accuracy(predict_logits(x_val, *fit), y_val)
         if best is None or acc >= best[1]:
             best = (wd, acc, fit)
+    assert best is not None  # probe specs hold at least one weight decay
     return best
 
 

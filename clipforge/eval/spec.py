@@ -70,9 +70,9 @@ class RetrievalTask(Spec):
         "non-empty lines are that image's captions. Give this or `table`."
     )
     table: str | None = Field(
-        None, min_length=1, description="A csv, tsv, parquet or jsonl table (local or fsspec; .gz etc. allowed for text) with "
-        "an image path and a caption per row: rows naming the same image give it several captions, and a caption "
-        "cell may hold a list (`[\"a dog\", \"a brown dog\"]`). Relative image paths are relative to the "
+        None, min_length=1, description="A csv, tsv, parquet or jsonl table (local or fsspec; .gz etc. allowed for "
+        "text) with an image path and a caption per row: rows naming the same image give it several captions, and a "
+        "caption cell may hold a list (`[\"a dog\", \"a brown dog\"]`). Relative image paths are relative to the "
         "table's folder. Give this or `shards`."
     )
     image_column: str = Field(DEFAULT_IMAGE_COLUMN, min_length=1, description="`table`'s image path column.")
@@ -111,6 +111,7 @@ class RetrievalTask(Spec):
         """The task with local paths made absolute (for processes that run in another directory)."""
         if self.shards is not None:
             return self.model_copy(update={"shards": [_absolute(s) for s in self.shards]})
+        assert self.table is not None  # _one_source: `shards` or a `table`
         return self.model_copy(update={"table": _absolute(self.table)})
 
 
@@ -161,12 +162,14 @@ class ZeroShotTask(Spec):
         """The task's images as a source, whichever of `image_folder` and `source` names them."""
         if self.source is not None:
             return self.source
+        assert self.image_folder is not None  # _one_source: `image_folder` or a `source`
         return ImageFolderSource(kind="image_folder", path=self.image_folder)
 
     def with_absolute_paths(self) -> "ZeroShotTask":
         """The task with local paths made absolute (for processes that run in another directory)."""
         if self.source is not None:
             return self.model_copy(update={"source": _source_absolute(self.source)})
+        assert self.image_folder is not None  # _one_source: `image_folder` or a `source`
         return self.model_copy(update={"image_folder": _absolute(self.image_folder)})
 
 
@@ -308,17 +311,18 @@ class EvalSpec(Spec):
         if self.models is not None:
             names: dict[tuple[str, str], int] = {}
             for i, m in enumerate(self.models):
-                key = (m.label.replace("/", "_"), _name_stem(m.name).replace("/", "_"))
-                if key in names:
+                files_key = (m.label.replace("/", "_"), _name_stem(m.name).replace("/", "_"))
+                if files_key in names:
                     raise ValueError(
-                        f"models #{names[key]} and #{i} are both {m.name!r} labelled {m.label!r}; their results "
-                        "would share file names: give them different labels"
+                        f"models #{names[files_key]} and #{i} are both {m.name!r} labelled {m.label!r}; their "
+                        "results would share file names: give them different labels"
                     )
-                names[key] = i
+                names[files_key] = i
         return self
 
     def model_entries(self) -> list[tuple[ModelSpec, str]]:
         """(model spec, label) of every model the job evaluates, in the given order."""
         if self.models is not None:
             return [(m.model_spec(), m.label) for m in self.models]
+        assert self.model is not None  # _one_model_form: `model` or `models`
         return [(self.model, self.model_label)]

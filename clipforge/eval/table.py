@@ -67,8 +67,7 @@ def _parquet_rows(path: str, f, columns: dict[str, str]) -> list[TableRow]:
 def _delimited_rows(path: str, f, fmt: str, columns: dict[str, str]) -> list[TableRow]:
     text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
     # TSV captions often hold bare quotes: in TSV a quote is an ordinary character.
-    dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
-    reader = csv.DictReader(text, **dialect)
+    reader = csv.DictReader(text, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.DictReader(text)
     if reader.fieldnames is None:
         raise ValueError(f"{path}: empty table (a header line with column names is required)")
     _check_columns(path, [c.strip() for c in reader.fieldnames], columns)
@@ -82,7 +81,7 @@ def _delimited_rows(path: str, f, fmt: str, columns: dict[str, str]) -> list[Tab
 
 def _jsonl_rows(path: str, f, columns: dict[str, str]) -> list[TableRow]:
     image_col, caption_col = columns
-    rows = []
+    rows: list[TableRow] = []
     for line_no, line in enumerate(io.TextIOWrapper(f, encoding="utf-8-sig"), 1):
         if not line.strip():
             continue

@@ -75,5 +75,5 @@ def get_templates(name_or_list: str | list[str] | dict[str, list[str]]) -> list[
     names = builtin_template_names()
     if name not in names:
         raise ValueError(f"unknown template set {name!r}; built-in sets: {', '.join(names)} (or give a .json file)")
-    text = resources.files(_BUILTIN_PACKAGE).joinpath(_BUILTIN_DIR, f"{name}.json").read_text(encoding="utf-8")
+    text = resources.files(_BUILTIN_PACKAGE).joinpath(_BUILTIN_DIR).joinpath(f"{name}.json").read_text(encoding="utf-8")
     return _check_templates(json.loads(text), f"built-in template set {name!r}")

@@ -95,17 +95,19 @@ def run_export_report(checkpoint: str, fashion_dir: str | Path, out: str | Path,
     exported = export_checkpoint(checkpoint, out / "onnx", model_name=model_name, int8=True)
     manifest = exported.manifest
     bundle, checkpoint_dir, _ = load_checkpoint_model(checkpoint, model_name)
-    backends = {
-        "fp32_torch": TorchClip(bundle, device="cpu"),
-        "fp32_onnx": OnnxClip(exported.directory, "fp32", device="cpu", threads=threads),
+    torch_fp32 = TorchClip(bundle, device="cpu")
+    onnx_fp32 = OnnxClip(exported.directory, "fp32", device="cpu", threads=threads)
+    backends: dict[str, TorchClip | OnnxClip] = {
+        "fp32_torch": torch_fp32,
+        "fp32_onnx": onnx_fp32,
         "int8_onnx": OnnxClip(exported.directory, "int8", device="cpu", threads=threads),
     }
 
     t0 = time.time()
     sample = data.images[:LATENCY_IMAGES]
-    pixels = backends["fp32_onnx"].preprocess(sample)
+    pixels = onnx_fp32.preprocess(sample)
     prompts = [p for c in data.classnames for p in class_prompts(c, prompt_templates)]
-    tokens = backends["fp32_onnx"].tokenizer(prompts[:LATENCY_IMAGES])
+    tokens = onnx_fp32.tokenizer(prompts[:LATENCY_IMAGES])
     latency = measure(backends, pixels, tokens, batch_sizes=batch_sizes, repeats=repeats)
     log.info("latency measured in %.1f s", time.time() - t0)
 

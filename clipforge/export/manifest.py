@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field, ValidationError
 
@@ -15,7 +15,7 @@ from clipforge.export.errors import ExportError
 from clipforge.specbase import Spec
 
 MANIFEST_FILE = "export.json"
-FORMAT = "clipforge-onnx"
+FORMAT: Final = "clipforge-onnx"
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "int8")
 

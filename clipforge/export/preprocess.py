@@ -53,8 +53,9 @@ def _center_crop_or_pad(img: Image.Image, target_h: int, target_w: int, fill: in
         pad_top = (target_h - height) // 2 if target_h > height else 0
         padded_w, padded_h = max(width, target_w), max(height, target_h)
         canvas = Image.new(img.mode, (padded_w, padded_h), _fill_value(img.mode, fill))
-        if img.mode == "P" and img.palette is not None:
-            canvas.putpalette(img.getpalette())
+        palette = img.getpalette() if img.mode == "P" and img.palette is not None else None
+        if palette is not None:
+            canvas.putpalette(palette)
         canvas.paste(img, (pad_left, pad_top))
         img, (width, height) = canvas, (padded_w, padded_h)
         if (width, height) == (target_w, target_h):

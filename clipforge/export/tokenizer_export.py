@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from clipforge.export.errors import ExportError
 from clipforge.export.manifest import TokenizerFiles
@@ -19,10 +20,11 @@ from clipforge.export.manifest import TokenizerFiles
 TOKENIZER_DIR = "tokenizer"
 # CLIP's word pattern without the special tokens (those are matched as added tokens first).
 _CLIP_WORDS = r"""(?i)'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-_CLEAN_MODES = {"_clean_lower": "lower", "_clean_whitespace": "whitespace"}
+CleanMode = Literal["lower", "whitespace"]
+_CLEAN_MODES: dict[str, CleanMode] = {"_clean_lower": "lower", "_clean_whitespace": "whitespace"}
 
 
-def _clean_mode(tokenizer) -> str:
+def _clean_mode(tokenizer) -> CleanMode:
     fn = getattr(tokenizer, "clean_fn", None)
     mode = _CLEAN_MODES.get(getattr(fn, "__name__", ""))
     if mode is None:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clipforge.export.errors import ExportError
+
+if TYPE_CHECKING:
+    from clipforge.models.towers import OpenClipModel
 
 IMAGE_INPUT, IMAGE_OUTPUT = "pixel_values", "image_embeds"
 TEXT_INPUT, TEXT_OUTPUT = "input_ids", "text_embeds"
@@ -23,7 +27,7 @@ DEFAULT_OPSET = 17
 class ImageEncoder(nn.Module):
     """[N, 3, H, W] normalised pixels -> [N, D] unit-length embeddings."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: OpenClipModel):
         super().__init__()
         self.model = model
 
@@ -34,7 +38,7 @@ class ImageEncoder(nn.Module):
 class TextEncoder(nn.Module):
     """[N, context_length] int64 token ids -> [N, D] unit-length embeddings (padding is masked in the graph)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: OpenClipModel):
         super().__init__()
         self.model = model
 

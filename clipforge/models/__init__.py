@@ -40,7 +40,7 @@ _EXPORTS = {
     "PretrainedWeightsError": "errors",
     "CheckpointError": "errors",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 - the lazy exports, each named once (in _EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

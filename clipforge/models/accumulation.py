@@ -51,10 +51,9 @@ def accumulated_step(model_forward: Callable[..., object], micro_batches: Sequen
     texts = [c[1] for c in cached]
     last = len(micro_batches) - 1
     no_sync = getattr(model_forward, "no_sync", None)
-    loss = None
     for j, batch in enumerate(micro_batches):
-        sync = j == last or no_sync is None
-        with contextlib.nullcontext() if sync else no_sync():
+        # DDP synchronises gradients in the last pass only (a model without no_sync does so in every pass).
+        with no_sync() if no_sync is not None and j != last else contextlib.nullcontext():
             out = _features(model_forward(*batch))
             if out[0].shape != images[j].shape or out[1].shape != texts[j].shape:
                 raise RuntimeError(f"micro-batch {j}: features changed shape between the caching and the live pass")
@@ -65,4 +64,5 @@ def accumulated_step(model_forward: Callable[..., object], micro_batches: Sequen
             rest = out[2:] if j == last else tuple(t.detach() for t in out[2:])
             loss = loss_fn(image, text, *rest)
             loss.backward()
+    # micro_batches is not empty (checked above), so `loss` is the last pass's: that of the whole batch.
     return loss.detach()

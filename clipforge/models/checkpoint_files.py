@@ -21,19 +21,19 @@ import hashlib
 import io
 import json
 import re
-from typing import Any
+from typing import IO, Any, cast
 
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from clipforge.models.errors import CheckpointError
+from clipforge.runtime.run_dir import CHECKPOINTS_DIR
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 EXTRA_FILE = "extra.pt"
 META_FILE = "meta.json"
-CHECKPOINTS_DIR = "checkpoints"
 FILES_KEY = "files"  # meta.json's record of the files written: {name: {"sha256": ..., "bytes": ...}}
 _HASH_CHUNK = 8 << 20  # bytes read at a time when a file is only hashed, not loaded
 
@@ -84,7 +84,8 @@ def _save_torch(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> dict[str,
     """Write `obj` with torch.save; returns the file's meta.json record (digest and size)."""
     with fs.open(path, "wb") as f:
         writer = _DigestingWriter(f)
-        torch.save(obj, writer)
+        # torch.save writes to any object with write() and flush(); its annotation names only real files.
+        torch.save(obj, cast(IO[bytes], writer))
     return writer.record()
 
 
@@ -228,7 +229,7 @@ def _load_torch(fs: fsspec.AbstractFileSystem, path: str, record: dict[str, Any]
     data = _read_bytes(fs, path, record)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: say which one
+    except Exception as e:  # a corrupt or foreign file: say which one
         raise CheckpointError(f"cannot read checkpoint file {_url(fs, path)}: {type(e).__name__}: {e}") from e
 
 

@@ -3,13 +3,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
 from clipforge.models.errors import CheckpointError, ModelConfigError
 from clipforge.models.registry import CLIPFORGE_SECTION, load_config
 from clipforge.models.spec import ModelSpec
+from clipforge.models.towers import OpenClipModel
+
+
+class Tokenizer(Protocol):
+    """What every tokenizer of a bundle offers (open_clip's, Hugging Face's through open_clip, clipforge's BPE)."""
+
+    context_length: int
+
+    def __call__(self, texts: list[str]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -19,7 +28,7 @@ class ModelBundle:
     model: torch.nn.Module
     preprocess_train: Callable
     preprocess_val: Callable
-    tokenizer: Callable[[list[str]], torch.Tensor]
+    tokenizer: Tokenizer
     name: str
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -30,7 +39,7 @@ def _hub_towers(cfg: dict[str, Any]) -> str:
     return " and ".join(n for n in names if n) or "none"
 
 
-def _instantiate(cfg: dict[str, Any], name: str, from_hub: bool = False) -> torch.nn.Module:
+def _instantiate(cfg: dict[str, Any], name: str, from_hub: bool = False) -> OpenClipModel:
     """An open_clip CLIP (built-in text transformer) or CustomTextCLIP (Hugging Face text tower).
 
     Random init unless `from_hub`: then timm and Hugging Face towers named by hub name take their
@@ -62,7 +71,7 @@ def _instantiate(cfg: dict[str, Any], name: str, from_hub: bool = False) -> torc
         raise ModelConfigError(f"model {name!r}: a tower's files are not available locally ({e}); {hint}") from e
 
 
-def _load_pretrained_towers(model: torch.nn.Module, extra: dict[str, Any]) -> None:
+def _load_pretrained_towers(model: OpenClipModel, extra: dict[str, Any]) -> None:
     from clipforge.models.pretrained import load_image_tower, load_text_tower
 
     if extra.get("pretrained_image"):
@@ -84,7 +93,7 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
                 error=CheckpointError)
 
 
-def _transforms(cfg: dict[str, Any], model: torch.nn.Module) -> tuple[Callable, Callable]:
+def _transforms(cfg: dict[str, Any], model: OpenClipModel) -> tuple[Callable, Callable]:
     from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 
     pre = dict(cfg.get(CLIPFORGE_SECTION, {}).get("preprocess", {}))
@@ -112,7 +121,7 @@ def _bpe_tokenizer(path: str, cfg: dict[str, Any], source: str):
     return BPETokenizer(candidate, context_length=int(cfg["text_cfg"].get("context_length", 77)))
 
 
-def _tokenizer(cfg: dict[str, Any], name: str, source: str) -> Callable[[list[str]], torch.Tensor]:
+def _tokenizer(cfg: dict[str, Any], name: str, source: str) -> Tokenizer:
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
     if source.startswith("open_clip:"):

@@ -13,10 +13,10 @@ import warnings
 from torch import nn
 
 from clipforge.models.errors import ModelConfigError
-from clipforge.models.towers import unwrap
+from clipforge.models.towers import OpenClipModel, unwrap
 
 
-def _image_tower(model: nn.Module, enable: bool) -> None:
+def _image_tower(model: OpenClipModel, enable: bool) -> None:
     visual = model.visual
     trunk = getattr(visual, "trunk", None)
     if trunk is not None:
@@ -29,7 +29,7 @@ def _image_tower(model: nn.Module, enable: bool) -> None:
         raise ModelConfigError(f"image tower {type(visual).__name__} does not support activation checkpointing")
 
 
-def _text_tower(model: nn.Module, enable: bool) -> None:
+def _text_tower(model: OpenClipModel, enable: bool) -> None:
     text = getattr(model, "text", None)
     if text is None:
         # open_clip's built-in text transformer lives on the CLIP model itself.

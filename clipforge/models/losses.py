@@ -8,6 +8,7 @@ the gradient of the single-process loss on the whole global batch.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -73,4 +74,5 @@ def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     with torch.no_grad():
-        model.logit_scale.clamp_(0, math.log(max_scale))
+        # torch types a module attribute as `Tensor | Module`; a CLIP model's logit_scale is a parameter.
+        cast(torch.Tensor, model.logit_scale).clamp_(0, math.log(max_scale))

@@ -7,6 +7,7 @@ are the ones the architecture deliberately drops (an ImageNet classifier, a BERT
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a local .safetensors/.pt/.pth/.bin file (a `state_dict` entry is unwrapped)."""
+    sd: Any  # whatever the file holds, checked below
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -28,7 +30,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PretrainedWeightsError(f"pretrained weights file not found: {path}") from None
-    except Exception as e:  # noqa: BLE001 - any decoding failure means the file is not a state dict
+    except Exception as e:  # any decoding failure means the file is not a state dict
         raise PretrainedWeightsError(f"cannot read pretrained weights {path}: {type(e).__name__}: {e}") from e
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from clipforge.models.errors import ModelConfigError
 from clipforge.models.spec import TowerBlocks, Trainable
-from clipforge.models.towers import _image_kind, _text_kind, unwrap
+from clipforge.models.towers import OpenClipModel, _image_kind, _text_kind, unwrap
 
 _FROZEN_FLAG = "_clipforge_frozen"
 _HOOKED_FLAG = "_clipforge_regime_hook"
@@ -41,7 +41,7 @@ def _names_under(model: nn.Module, prefix: str) -> list[str]:
     return [n for n, _ in model.named_parameters() if n == prefix or n.startswith(prefix + ".")]
 
 
-def _timm_layout(model: nn.Module) -> TowerLayout:
+def _timm_layout(model: OpenClipModel) -> TowerLayout:
     """timm trunks name their own stem and blocks (the grouping timm uses for layer-wise learning rates)."""
     from timm.models import group_parameters
 
@@ -54,12 +54,14 @@ def _timm_layout(model: nn.Module) -> TowerLayout:
     return TowerLayout(stem=names[0], blocks=names[1:], head=_names_under(model, "visual.head"))
 
 
-def _vit_layout(model: nn.Module) -> TowerLayout:
+def _vit_layout(model: OpenClipModel) -> TowerLayout:
     visual = model.visual
-    blocks = [_names_under(model, f"visual.transformer.resblocks.{i}") for i in range(len(visual.transformer.resblocks))]
+    n_blocks = len(visual.transformer.resblocks)
+    blocks = [_names_under(model, f"visual.transformer.resblocks.{i}") for i in range(n_blocks)]
     in_blocks = {n for b in blocks for n in b}
     stem_parts = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_dropout")
-    stem, tail = [], []
+    stem: list[str] = []
+    tail: list[str] = []
     for name in _names_under(model, "visual"):
         if name in in_blocks or name == "visual.proj":
             continue
@@ -74,12 +76,13 @@ def _largest_module_list(module: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda item: len(item[1]))
 
 
-def _hf_layout(model: nn.Module) -> TowerLayout:
+def _hf_layout(model: OpenClipModel) -> TowerLayout:
     list_name, layers = _largest_module_list(model.text.transformer)
     prefix = f"text.transformer.{list_name}"
     blocks = [_names_under(model, f"{prefix}.{i}") for i in range(len(layers))]
     in_blocks = {n for b in blocks for n in b}
-    stem, tail = [], []
+    stem: list[str] = []
+    tail: list[str] = []
     for name in _names_under(model, "text.transformer"):
         if name not in in_blocks:
             (stem if ".embeddings." in name or name.startswith("text.transformer.embeddings") else tail).append(name)
@@ -87,7 +90,7 @@ def _hf_layout(model: nn.Module) -> TowerLayout:
     return TowerLayout(stem=stem, blocks=blocks, tail=tail, head=head)
 
 
-def _clip_text_layout(model: nn.Module) -> TowerLayout:
+def _clip_text_layout(model: OpenClipModel) -> TowerLayout:
     blocks = [_names_under(model, f"transformer.resblocks.{i}") for i in range(len(model.transformer.resblocks))]
     stem = _names_under(model, "token_embedding") + _names_under(model, "positional_embedding")
     return TowerLayout(stem=stem, blocks=blocks, tail=_names_under(model, "ln_final"),

@@ -139,7 +139,8 @@ def _check_stages(stages: list[TrainableStage]) -> None:
     kinds = {"step" if step is not None else "epoch" for step, epoch in ends if (step, epoch) != (None, None)}
     if len(kinds) > 1:
         raise ValueError("trainable: stages must all end by until_step or all by until_epoch, not a mix")
-    bounds = [step if step is not None else epoch for step, epoch in ends if (step, epoch) != (None, None)]
+    stage_ends = [step if step is not None else epoch for step, epoch in ends]
+    bounds = [end for end in stage_ends if end is not None]
     if any(b <= a for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"trainable: stage ends must increase, got {bounds}")
 

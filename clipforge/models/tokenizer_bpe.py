@@ -97,13 +97,13 @@ class BPETokenizer:
         path = Path(path)
         try:
             self._tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 - a missing or foreign file must name itself
+        except Exception as e:  # a missing or foreign file must name itself
             reason = "file not found" if not path.is_file() else f"{type(e).__name__}: {e}"
             raise ModelConfigError(f"cannot load tokenizer {path}: {reason}") from e
-        ids = [self._tok.token_to_id(t) for t in (PAD, START, END)]
-        if None in ids:
+        pad_id, start_id, end_id = (self._tok.token_to_id(t) for t in (PAD, START, END))
+        if pad_id is None or start_id is None or end_id is None:
             raise ModelConfigError(f"tokenizer {path} was not made by clipforge (no {PAD}/{START}/{END} tokens)")
-        self.pad_id, self.start_id, self.end_id = ids
+        self.pad_id, self.start_id, self.end_id = pad_id, start_id, end_id
         self.path = str(path)
         self.context_length = context_length
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)

@@ -12,7 +12,7 @@ CLIP text transformer (head: `text_projection`) for text.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,10 @@ from torch import nn
 
 from clipforge.models.errors import ModelConfigError
 
+# An open_clip model or one of its towers. open_clip ships no type information, and torch types every attribute
+# of a module as `Tensor | Module`, so code that reaches into a tower's own attributes (`visual.trunk`,
+# `text.config.pad_token_id`) holds the model untyped.
+OpenClipModel = Any
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The CLIP model inside DDP / DataParallel / similar wrappers."""
@@ -62,7 +66,7 @@ def head_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if any(n == h or n.startswith(h + ".") for h in heads)]
 
 
-def trunk_modules(model: nn.Module) -> list[nn.Module]:
+def trunk_modules(model: OpenClipModel) -> list[nn.Module]:
     """The modules whose parameters form the frozen trunks (everything but the heads)."""
     model = unwrap(model)
     image = [model.visual.trunk] if _image_kind(model) == "timm" else [model.visual]
@@ -111,7 +115,7 @@ def _without_parameter(module: nn.Module, name: str) -> Iterator[None]:
         setattr(module, name, saved)
 
 
-def _image_trunk(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def _image_trunk(model: OpenClipModel, images: torch.Tensor) -> torch.Tensor:
     if _image_kind(model) == "timm":
         return model.visual.trunk(images)
     with _without_parameter(model.visual, "proj"):
@@ -129,7 +133,7 @@ def _trim_padding(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
     return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
 
 
-def _text_trunk(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def _text_trunk(model: OpenClipModel, tokens: torch.Tensor) -> torch.Tensor:
     if _text_kind(model) == "hf":
         text = model.text
         tokens = _trim_padding(tokens, text.config.pad_token_id)
@@ -144,10 +148,11 @@ def _text_trunk(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 def tower_features(model: nn.Module, images: torch.Tensor | None = None,
                    tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Output of one tower's trunk (before its projection head), for `images` or `tokens` (exactly one)."""
-    if (images is None) == (tokens is None):
-        raise ValueError("tower_features takes exactly one of images= or tokens=")
-    model = unwrap(model)
-    return _image_trunk(model, images) if images is not None else _text_trunk(model, tokens)
+    if images is not None and tokens is None:
+        return _image_trunk(unwrap(model), images)
+    if tokens is not None and images is None:
+        return _text_trunk(unwrap(model), tokens)
+    raise ValueError("tower_features takes exactly one of images= or tokens=")
 
 
 class ProjectionHeads(nn.Module):
@@ -156,7 +161,15 @@ class ProjectionHeads(nn.Module):
     forward(tower_features(m, images=x), tower_features(m, tokens=t)) equals m(x, t).
     """
 
-    def __init__(self, model: nn.Module):
+    # Which of these exist depends on the towers' kinds (see __init__).
+    image_head: nn.Module
+    image_proj: torch.Tensor
+    text_head: nn.Module
+    text_proj: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None
+
+    def __init__(self, model: OpenClipModel):
         super().__init__()
         model = unwrap(model)
         self.image_kind, self.text_kind = _image_kind(model), _text_kind(model)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 from tqdm import tqdm
 
@@ -36,7 +36,11 @@ from clipforge.pipeline.spec import BuildSpec
 from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
 from clipforge.runtime.ray_session import ray_session
 from clipforge.runtime.remote_env import forwarded_env
+from clipforge.runtime.run_dir import BUILD_STATS_FILE
 from clipforge.runtime.storage_errors import storage_errors
+
+if TYPE_CHECKING:
+    from ray import ObjectRefGenerator
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +118,8 @@ class _Scheduler:
         import ray
 
         ready, _ = ray.wait(list(self.inflight), num_returns=1)
-        for gen in ready:
+        # ray.wait hands back some of the waitables it was given: here, the shard tasks' generators.
+        for gen in cast("list[ObjectRefGenerator]", ready):
             job = self.inflight[gen]
             try:
                 event = ray.get(next(gen))
@@ -150,7 +155,7 @@ def _task_options(spec: BuildSpec, env: dict[str, str]) -> dict[str, Any]:
 
 
 # What a build writes at the top of its output folder (hidden names: temporary files of unfinished writes).
-OUTPUT_ENTRIES = ("[0-9]*.tar", "[0-9]*.parquet", "[0-9]*_stats.json", "manifest", "stats.json", ".*.tmp-*")
+OUTPUT_ENTRIES = ("[0-9]*.tar", "[0-9]*.parquet", "[0-9]*_stats.json", "manifest", BUILD_STATS_FILE, ".*.tmp-*")
 
 
 def _open_output(spec: BuildSpec) -> tuple[OutputLayout, set[int]]:

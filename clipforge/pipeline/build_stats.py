@@ -22,8 +22,8 @@ def status_counts_by_shard(layout: OutputLayout, shards: list[int]) -> dict[int,
 
 def build_stats(counts: dict[int, collections.Counter], written: set[int], wall_s: float,
                 extra: dict[str, Any]) -> dict[str, Any]:
-    total = collections.Counter()
-    this_run = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    this_run: collections.Counter[str] = collections.Counter()
     for shard, c in counts.items():
         total.update(c)
         if shard in written:

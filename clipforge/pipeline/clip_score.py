@@ -12,9 +12,9 @@ so re-running a finished build recomputes the same cut and drops nothing more.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
-import tarfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -25,30 +25,34 @@ from clipforge.pipeline.errors import BuildOutputError
 from clipforge.pipeline.layout import OutputLayout
 from clipforge.pipeline.manifest_view import ManifestView
 from clipforge.pipeline.spec import ClipScoreSpec
+from clipforge.runtime.tar_shard_reader import samples_in
+
+log = logging.getLogger(__name__)
 
 _READ_CPUS = 0.25
 
 
 def _read_samples(item: dict[str, Any], output_url: str, storage_options: dict[str, Any],
                   image_ext: str) -> Iterator[dict[str, Any]]:
-    """The wanted samples of one shard: image bytes and caption, by row."""
+    """The wanted samples of one shard: image bytes and caption, by row.
+
+    A damaged tar ends its samples with a warning; the driver then names the shard whose samples are missing.
+    """
     layout = OutputLayout(output_url, storage_options)
     wanted = dict(zip(item["keys"], item["rows"]))
-    images: dict[str, bytes] = {}
-    captions: dict[str, str] = {}
-    with layout.fs.open(layout.tar(int(item["shard"])), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-            if key not in wanted or ext not in (image_ext, "txt"):
-                continue
-            data = tar.extractfile(member).read()
-            if ext == "txt":
-                captions[key] = data.decode("utf-8", errors="replace")
-            else:
-                images[key] = data
-            if key in images and key in captions:
-                yield {"shard": int(item["shard"]), "row": int(wanted[key]), "image": images.pop(key),
-                       "caption": captions.pop(key)}
+    path = layout.tar(int(item["shard"]))
+    with layout.fs.open(path, "rb") as f:
+        for sample in samples_in(f, path, fields=(image_ext, "txt"), handler=_warn_and_stop):
+            key = sample["__key__"].rsplit("/", 1)[-1]
+            if key in wanted and image_ext in sample and "txt" in sample:
+                yield {"shard": int(item["shard"]), "row": int(wanted[key]), "image": sample[image_ext],
+                       "caption": sample["txt"].decode("utf-8", errors="replace")}
+
+
+def _warn_and_stop(exn: Exception) -> bool:
+    """webdataset's warn_and_stop, through logging and without its half-second sleep."""
+    log.warning("%s", exn)
+    return False
 
 
 class ClipScorer:
@@ -102,10 +106,14 @@ def score_samples(layout: OutputLayout, todo: dict[int, list[tuple[str, int]]], 
     if not items:
         return {}
     runtime_env = {"env_vars": env} if env else None
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.flat_map(_read_samples, fn_kwargs={"output_url": layout.portable_url,
-                                               "storage_options": layout.storage_options, "image_ext": image_ext},
-                     num_cpus=_READ_CPUS, runtime_env=runtime_env)
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.flat_map(
+        # Ray types a row function as taking the row only; fn_kwargs hands it the rest.
+        _read_samples,  # type: ignore[arg-type]
+        fn_kwargs={"output_url": layout.portable_url, "storage_options": layout.storage_options,
+                   "image_ext": image_ext},
+        num_cpus=_READ_CPUS, runtime_env=runtime_env,
+    )
     ds = ds.map_batches(ClipScorer, fn_constructor_kwargs={"model_spec": _absolute_model(spec.model),
                                                            "cpus": spec.cpus_per_worker},
                         compute=ray.data.ActorPoolStrategy(size=spec.workers), num_cpus=spec.cpus_per_worker,
@@ -121,19 +129,20 @@ def apply_clip_score(view: ManifestView, layout: OutputLayout, spec: ClipScoreSp
     """Score the `ok` rows not scored yet, then drop the `ok` rows the keep rule rejects."""
     todo: dict[int, list[tuple[str, int]]] = {}
     for i in view.indices_with_status(st.OK):
-        if view.clip_score[i] is None and view.key[i]:
-            todo.setdefault(view.shard[i], []).append((view.key[i], view.row[i]))
+        key = view.key[i]
+        if view.clip_score[i] is None and key:
+            todo.setdefault(view.shard[i], []).append((key, view.row[i]))
     scores = score_samples(layout, todo, spec, image_ext, env)
     missing = sum(len(p) for p in todo.values()) - len(scores)
     if missing:
         shards = sorted(s for s, pairs in todo.items() if any(r not in scores for _, r in pairs))
         raise BuildOutputError(f"clip_score: {missing} samples listed as ok in the manifests of shards "
                                f"{shards[:10]} are missing from their tars (tar without image or .txt?)")
-    for row, score in scores.items():
-        view.set_score(row, score)
+    for row, new_score in scores.items():
+        view.set_score(row, new_score)
 
-    population = [(view.clip_score[i], view.row[i]) for i in view.indices_with_status(st.OK, st.FILTERED_CLIP_SCORE)
-                  if view.clip_score[i] is not None]
+    population = [(score, view.row[i]) for i in view.indices_with_status(st.OK, st.FILTERED_CLIP_SCORE)
+                  if (score := view.clip_score[i]) is not None]
     cutoff_rank: dict[int, int] = {}
     keep_n = len(population)
     if spec.top_fraction is not None:

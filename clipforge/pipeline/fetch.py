@@ -19,7 +19,7 @@ import io
 import socket
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urljoin
 
 import urllib3
@@ -119,7 +119,14 @@ class _DeadlineResponse(http.client.HTTPResponse):
             self.fp = io.BufferedReader(_DeadlineReader(sock, _attempt.at))
 
 
-class _CheckedConnectionMixin:
+if TYPE_CHECKING:
+    # The mixin's super() is urllib3's connection class it is mixed into.
+    _ConnectionBase = HTTPConnection
+else:
+    _ConnectionBase = object
+
+
+class _CheckedConnectionMixin(_ConnectionBase):
     """A pooled connection that checks the address its socket reached before anything is sent.
 
     The pool connects to an address `netguard` already checked, so a refusal here means something
@@ -333,8 +340,8 @@ class Fetcher:
             if pool is not None:
                 self._pools.move_to_end(key)
                 return pool
-            common = dict(maxsize=self.cfg.threads_per_worker, block=False, retries=False, timeout=self._timeout,
-                          address_policy=self.policy, url_host=host)
+            common: dict[str, Any] = dict(maxsize=self.cfg.threads_per_worker, block=False, retries=False,
+                                          timeout=self._timeout, address_policy=self.policy, url_host=host)
             if scheme == "https":
                 pool = _CheckedHTTPSPool(
                     ip, port, server_hostname=host, assert_hostname=host, cert_reqs="CERT_REQUIRED",

@@ -16,6 +16,7 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import cast
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -115,7 +116,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return canvas
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # High-bit-depth greyscale: scale to 8 bits instead of letting convert() clip at 255.
-        lo, hi = img.getextrema()
+        # One band: a single (low, high) pair (Pillow's annotation also allows one pair per band).
+        lo, hi = cast("tuple[float, float]", img.getextrema())
         span = (hi - lo) or 1
         img = img.point(lambda v: (v - lo) * 255.0 / span).convert("L")
     return img if img.mode == "RGB" else img.convert("RGB")

@@ -174,7 +174,7 @@ class UrlList:
                 total += pq.ParquetFile(fh).metadata.num_rows
         return total
 
-    def _records(self, f: InputFile) -> Iterator[list[dict[str, Any]] | list[InputRow]]:
+    def _records(self, f: InputFile) -> Iterator[list[dict[str, Any]]]:
         if f.format == "parquet":
             with self._open(f) as fh:
                 for batch in pq.ParquetFile(fh).iter_batches(batch_size=self.batch_rows, columns=self.columns):

@@ -7,17 +7,19 @@ and `sentences[].raw`), not as URL lists, so they skip the downloader. The train
 (image, caption) pair, as CLIP fine-tuning on these sets usually does; val and test get one sample per image
 whose .txt holds all of its captions, one per line, which is what `task: retrieval` reads (an image→text hit is
 any of the image's captions in the top K). Image bytes are copied unchanged; training and evaluation resize.
+Shards are written with clipforge.runtime.tar_shard_writer, each under a temporary name until it is complete.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import fsspec
+
+from clipforge.pipeline.layout import AtomicFile, OutputLayout
+from clipforge.runtime.tar_shard_writer import TarShardWriter
 
 SPLITS = ("train", "val", "test")
 
@@ -58,35 +60,37 @@ def read_entries(path: str) -> list[Entry]:
     return entries
 
 
-def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 class _Shards:
-    """Numbered tar shards of at most `per_shard` samples under `folder`."""
+    """Numbered tar shards of at most `per_shard` samples under `folder`; each appears only once complete."""
 
     def __init__(self, folder: str, per_shard: int):
-        self.folder, self.per_shard = folder.rstrip("/"), per_shard
+        self.layout = OutputLayout(folder)
+        self.per_shard = per_shard
         self.index, self.count, self.samples = 0, 0, 0
-        self._file = self._tar = None
+        self._file: AtomicFile | None = None
+        self._tar: TarShardWriter | None = None
 
-    def add(self, key: str, members: dict[str, bytes]) -> None:
+    def add(self, key: str, fields: dict[str, bytes]) -> None:
         if self._tar is None or self.count == self.per_shard:
             self.close()
-            self._file = fsspec.open(f"{self.folder}/{self.index:05d}.tar", "wb").open()
-            self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
+            self._file = self.layout.open_atomic(f"{self.layout.root}/{self.index:05d}.tar")
+            self._tar = TarShardWriter(self._file)
             self.index, self.count = self.index + 1, 0
-        for ext, data in members.items():
-            _member(self._tar, f"{key}.{ext}", data)
+        self._tar.write(key, fields)
         self.count += 1
         self.samples += 1
 
     def close(self) -> None:
-        if self._tar is not None:
+        """Complete the open shard and move it into place."""
+        if self._tar is not None and self._file is not None:  # opened together
             self._tar.close()
-            self._file.close()
+            self._file.commit()
+            self._tar = self._file = None
+
+    def discard(self) -> None:
+        """Drop the open shard (its samples were not all written); completed shards stay."""
+        if self._file is not None:
+            self._file.discard()
             self._tar = self._file = None
 
 
@@ -118,8 +122,10 @@ def write_shards(karpathy_json: str, image_root: str, out: str, samples_per_shar
                 else:
                     shards.add(f"{e.image_id:09d}", {ext: image, "txt": "\n".join(e.captions).encode(),
                                                       "json": json.dumps(meta).encode()})
-        finally:
-            shards.close()
+        except BaseException:
+            shards.discard()
+            raise
+        shards.close()
         counts[split] = {"images": len(chosen), "samples": shards.samples, "shards": shards.index}
     with fsspec.open(f"{out.rstrip('/')}/splits.json", "wt") as f:
         json.dump({"source": karpathy_json, "splits": counts}, f, indent=2)

@@ -17,12 +17,14 @@ import math
 import os
 import re
 import uuid
-from typing import Any, BinaryIO, Iterator
+from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+from clipforge.runtime.run_dir import BUILD_STATS_FILE
 
 SHARD_DIGITS = 5
 _SHARD_FILE = re.compile(r"^(\d+)\.(tar|parquet)$")
@@ -80,7 +82,7 @@ class OutputLayout:
 
     @property
     def stats(self) -> str:
-        return f"{self.root}/stats.json"
+        return f"{self.root}/{BUILD_STATS_FILE}"
 
     def make_dirs(self) -> None:
         self.fs.makedirs(self.manifest_dir, exist_ok=True)
@@ -228,8 +230,9 @@ class AtomicFile:
         self.final = final
         self.direct = layout.upload_atomic
         self.path = final if self.direct else layout.temp_for(final)
-        self._file: BinaryIO = (layout.fs.open(final, "wb", autocommit=False) if self.direct
-                                else layout.fs.open(self.path, "wb"))
+        # An fsspec file; in direct mode (S3) it has commit() and discard().
+        self._file: Any = (layout.fs.open(final, "wb", autocommit=False) if self.direct
+                           else layout.fs.open(self.path, "wb"))
         self._done = False
 
     def write(self, data: bytes) -> int:

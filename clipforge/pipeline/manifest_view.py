@@ -22,7 +22,7 @@ class ManifestView:
         table = table.sort_by("row")
         for name in COLUMNS:
             setattr(self, name, table.column(name).to_pylist())
-        self.position = {row: i for i, row in enumerate(self.row)}  # type: ignore[attr-defined]
+        self.position = {row: i for i, row in enumerate(self.row)}
         # {shard: {row: (status, message)}} decided by the filters so far
         self.drops: dict[int, dict[int, tuple[str, str]]] = {}
         self.new_scores: dict[int, dict[int, float]] = {}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, cast
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -194,7 +194,9 @@ class AddressPolicy:
             raise ResolveFailed(f"cannot resolve host {host!r}: {e}") from None
         addrs: list[IPAddress] = []
         for _family, _type, _proto, _canon, sockaddr in infos:
-            ip = _as_address(sockaddr[0])
+            # A stream lookup returns IPv4/IPv6 addresses, whose sockaddr starts with the host; typeshed's type
+            # also covers families whose first item is a number.
+            ip = _as_address(cast(str, sockaddr[0]))
             if ip not in addrs:
                 addrs.append(ip)
         if not addrs:

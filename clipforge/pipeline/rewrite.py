@@ -3,12 +3,12 @@
 Order matters for crash safety: the tar (without the dropped samples), then the per-shard parquet
 and stats, and the manifest last. Until the manifest is rewritten the dropped rows still read as
 `ok`, so a build that dies half-way simply decides and rewrites again on its next run (rewriting a
-tar without samples that are already gone is harmless).
+tar without samples that are already gone is harmless). The tar is read and written sample by sample
+with clipforge.runtime's shard reader and writer; a damaged tar stops the rewrite with an error naming it.
 """
 from __future__ import annotations
 
 import collections
-import tarfile
 from typing import Any
 
 import pyarrow as pa
@@ -16,6 +16,8 @@ import pyarrow as pa
 from clipforge.pipeline import status as st
 from clipforge.pipeline.layout import OutputLayout
 from clipforge.pipeline.shard_writer import MANIFEST_SCHEMA, shard_stats
+from clipforge.runtime.tar_shard_reader import samples_in
+from clipforge.runtime.tar_shard_writer import TarShardWriter
 
 
 def conform_manifest(table: pa.Table) -> pa.Table:
@@ -30,13 +32,11 @@ def _rewrite_tar(layout: OutputLayout, shard: int, drop_keys: set[str]) -> None:
     final = layout.tar(shard)
     out = layout.open_atomic(final)
     try:
-        with layout.fs.open(final, "rb") as src, tarfile.open(fileobj=src, mode="r|") as tin, \
-                tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tout:
-            for member in tin:
-                base = member.name.rsplit("/", 1)[-1]
-                if base.split(".", 1)[0] in drop_keys:
-                    continue
-                tout.addfile(member, tin.extractfile(member) if member.isfile() else None)
+        with layout.fs.open(final, "rb") as src, TarShardWriter(out) as tar:
+            for sample in samples_in(src, final):
+                key = sample["__key__"]
+                if key.rsplit("/", 1)[-1] not in drop_keys:
+                    tar.write(key, {field: data for field, data in sample.items() if not field.startswith("__")})
         out.commit()
     except BaseException:
         out.discard()

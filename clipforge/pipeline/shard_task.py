@@ -123,7 +123,8 @@ def iter_build_shard(job: ShardJob, settings: SampleSettings, output_path: str, 
     # At most two rows per thread are in flight or finished-but-unwritten: bounds memory for big images.
     window = 2 * threads
     allowance = _straggler_allowance(settings, len(job.rows))
-    stuck_s = settings.download.straggler.stuck_seconds if allowance else None
+    straggler = settings.download.straggler
+    stuck_s = straggler.stuck_seconds if straggler is not None and allowance else None
     rows_since = ok_since = 0
     last = last_done = time.monotonic()
     pool = _FetchThreads(threads, limiter)

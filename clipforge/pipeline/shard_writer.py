@@ -1,13 +1,14 @@
 """Writing one shard: the WebDataset tar as samples arrive, then the per-shard parquet, stats and manifest.
 
-Outcomes arrive in completion order (a slow URL must not hold back the rest), so the tar's member
-order can differ between runs; keys and contents do not. The tables are sorted by input row.
+The tar is written through clipforge.runtime.tar_shard_writer (webdataset's TarWriter) onto the output
+layout's atomic file, so it appears under its final name only when committed. Outcomes arrive in
+completion order (a slow URL must not hold back the rest), so the order of samples in the tar can
+differ between runs; keys and contents do not. The tables are sorted by input row.
 """
 from __future__ import annotations
 
 import collections
 import json
-import tarfile
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ import pyarrow as pa
 from clipforge.pipeline import status as st
 from clipforge.pipeline.layout import OutputLayout, sample_key
 from clipforge.pipeline.sample import RowOutcome, caption_text
+from clipforge.runtime.tar_shard_writer import TarShardWriter
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -44,28 +46,6 @@ _SHARD_COLUMNS = [
     ("original_height", pa.int32()),
     ("sha256", pa.string()),
 ]
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = mtime
-    info.mode = 0o444
-    tar.addfile(info, fileobj=_Reader(data))
-
-
-class _Reader:
-    """Minimal file object over bytes for tarfile.addfile (avoids a BytesIO copy per member)."""
-
-    def __init__(self, data: bytes):
-        self._view = memoryview(data)
-        self._pos = 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._view) if n < 0 else self._pos + n
-        chunk = self._view[self._pos : end]
-        self._pos += len(chunk)
-        return bytes(chunk)
 
 
 def sample_json(outcome: RowOutcome, key: str) -> dict[str, Any]:
@@ -109,10 +89,13 @@ class ShardWriter:
         self.extra_cols = extra_cols
         self.outcomes: list[RowOutcome] = []
         self.started = time.time()
-        self._mtime = int(self.started)
         layout.remove_stale_temps(shard)
         self._file = layout.open_atomic(layout.tar(shard))
-        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
+        try:
+            self._tar = TarShardWriter(self._file, mtime=self.started)
+        except BaseException:
+            self._file.discard()
+            raise
 
     def key(self, outcome: RowOutcome) -> str:
         return sample_key(self.shard, outcome.index, self.digits)
@@ -121,9 +104,8 @@ class ShardWriter:
         if outcome.ok and outcome.image is not None:
             key = self.key(outcome)
             meta = json.dumps(sample_json(outcome, key), indent=2, default=str).encode()
-            _add_member(self._tar, f"{key}.{self.image_format}", outcome.image.data, self._mtime)
-            _add_member(self._tar, f"{key}.txt", caption_text(outcome.row.caption).encode(), self._mtime)
-            _add_member(self._tar, f"{key}.json", meta, self._mtime)
+            self._tar.write(key, {self.image_format: outcome.image.data,
+                                  "txt": caption_text(outcome.row.caption).encode(), "json": meta})
             outcome.image.data = b""  # written; the rest of the outcome is small and kept for the tables
         self.outcomes.append(outcome)
 
@@ -171,7 +153,7 @@ class ShardWriter:
         }
         for col in self.extra_cols:
             columns[col] = _column([o.row.extras.get(col) for o in rows])
-        values = {
+        values: dict[str, list[Any]] = {
             "key": [self.key(o) for o in rows],
             "row": [o.row.row for o in rows],
             "status": [st.img2dataset_status(o.status) for o in rows],
@@ -189,7 +171,7 @@ class ShardWriter:
 
 def shard_stats(counts: collections.Counter | dict, started: float, ended: float) -> dict[str, Any]:
     """img2dataset's `{shard}_stats.json` fields, plus the fine-grained status codes."""
-    coarse = collections.Counter()
+    coarse: collections.Counter[str] = collections.Counter()
     for code, n in counts.items():
         coarse[st.img2dataset_status(code)] += n
     return {

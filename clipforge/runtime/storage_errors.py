@@ -66,7 +66,7 @@ def storage_errors(field: str, url: str) -> Iterator[None]:
         yield
     except UserError:
         raise
-    except Exception as e:  # noqa: BLE001 - classified below; anything else is re-raised as it was
+    except Exception as e:  # classified below; anything else is re-raised as it was
         problem = storage_problem(e)
         if problem is None:
             raise

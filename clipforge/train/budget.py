@@ -15,6 +15,7 @@ def total_steps(optim: OptimSpec, steps_per_epoch: int, global_batch: int) -> in
         return optim.steps
     if optim.samples is not None:
         return math.ceil(optim.samples / global_batch)
+    assert optim.epochs is not None  # the spec fills in epochs: 1 when no length is given
     return optim.epochs * steps_per_epoch
 
 

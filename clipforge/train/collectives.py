@@ -15,6 +15,11 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank() -> int:
+    """This process's rank; 0 without a process group."""
+    return dist.get_rank() if distributed() else 0
+
+
 def _reduce(values: list[float], op) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if distributed():

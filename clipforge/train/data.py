@@ -16,7 +16,7 @@ import io
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from PIL import Image
@@ -411,7 +411,7 @@ def train_transform(preprocess_train: Callable, crop_scale: tuple[float, float] 
 
     The model's own transform fixes size, interpolation and normalisation; only the random parts change.
     """
-    transform = copy.deepcopy(preprocess_train)
+    transform: Any = copy.deepcopy(preprocess_train)  # a torchvision Compose, whose steps are replaced
     steps = list(getattr(transform, "transforms", []))
     crops = [i for i, t in enumerate(steps) if isinstance(t, T.RandomResizedCrop)]
     if not crops:

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO as a `Parallel`: the engine runs forward, backward and the step (clipping included).
+"""DeepSpeed ZeRO: the engine wraps the module together with its optimizer and runs forward, backward and the
+step (clipping included); its checkpoint state gathers the common full layout out of ZeRO's partitions.
 
 DeepSpeed is imported only here, when a run asks for it. On CPU-only machines it runs on its CPU
 accelerator (DS_ACCELERATOR=cpu) over the gloo process group Ray Train created.
@@ -19,16 +20,13 @@ import torch
 from torch import nn
 
 from clipforge.train import precision
+from clipforge.train.checkpoint_state import CheckpointState
+from clipforge.train.collectives import rank
 from clipforge.train.deepspeed_config import deepspeed_config
-from clipforge.train.parallelize import (
-    Parallel,
-    _as_float,
-    _fp32,
-    _rank,
-    _restore_scalar_shapes,
-    _scalar_states_as,
-    promote_scalars,
-)
+from clipforge.train.optimizer import build_optimizer, optimizer_parameter_names
+from clipforge.train.parallelize import Wrapped, promote_scalars
+from clipforge.train.spec import TrainSpec
+from clipforge.train.train_step import TrainStep, grad_norm_value, temperature
 
 log = logging.getLogger(__name__)
 
@@ -48,48 +46,73 @@ def _full_shape(p: torch.Tensor) -> torch.Size:
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
 
-class DeepSpeedParallel(Parallel):
-    def __init__(self, module: nn.Module, spec, device: torch.device, names: list[str] | None):
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise RuntimeError("strategy deepspeed needs the process group of a Ray Train run")
-        deepspeed = _import_deepspeed(device)
-        self._deepspeed = deepspeed
-        # DeepSpeed's broadcasts and ZeRO-3 partitions view every parameter as bytes, which 0-dim tensors forbid.
-        promote_scalars(module)
-        super().__init__(module, spec, device, names)
-        self.scaler = None  # DeepSpeed scales fp16 losses itself
-        self.zero_stage = spec.parallel.zero_stage
-        # ZeRO replaces the optimizer's parameter lists by flat partitions: keep the original order.
-        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._names = super().param_names()
-        self._group_sizes = [len(g["params"]) for g in self.optimizer.param_groups]
-        os.environ.setdefault("LOCAL_RANK", str(torch.distributed.get_rank()))
-        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer,
-                                               config=deepspeed_config(spec), dist_init_required=False)
+def deepspeed_parts(module: nn.Module, spec: TrainSpec, device: torch.device, names: list[str] | None
+                    ) -> tuple[DeepSpeedWrapped, torch.optim.Optimizer, DeepSpeedStep, DeepSpeedCheckpointState]:
+    """`module` (on `device`) in a DeepSpeed engine with clipforge's optimizer over `names` (default: the
+    parameters that require grad): (wrapped module, optimizer, step, checkpoint state)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError("strategy deepspeed needs the process group of a Ray Train run")
+    deepspeed = _import_deepspeed(device)
+    # DeepSpeed's broadcasts and ZeRO-3 partitions view every parameter as bytes, which 0-dim tensors forbid.
+    promote_scalars(module)
+    optimizer = build_optimizer(module, spec.optim, names)
+    # ZeRO replaces the optimizer's parameter lists by flat partitions: keep the original order.
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    param_names = optimizer_parameter_names(module, optimizer)
+    group_sizes = [len(g["params"]) for g in optimizer.param_groups]
+    os.environ.setdefault("LOCAL_RANK", str(torch.distributed.get_rank()))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(spec),
+                                           dist_init_required=False)
+    wrapped = DeepSpeedWrapped(module, device, engine, deepspeed, spec.parallel.zero_stage)
+    # DeepSpeed scales fp16 losses itself: no gradient scaler.
+    return (wrapped, optimizer, DeepSpeedStep(wrapped, optimizer, spec),
+            DeepSpeedCheckpointState(wrapped, optimizer, params, param_names, group_sizes))
+
+
+class DeepSpeedWrapped(Wrapped):
+    """The engine as the module forward runs through (it casts the module itself in its bf16 mode)."""
+
+    def __init__(self, root: nn.Module, device: torch.device, engine, deepspeed, zero_stage: int):
+        super().__init__(root, device)
+        self.sharded = zero_stage == 3  # ZeRO-1/2 keep parameters whole (they partition optimizer state, gradients)
         self.engine = engine
         self.module = engine
+        self.deepspeed = deepspeed
+        self.zero_stage = zero_stage
 
-    def param_names(self) -> list[str]:
-        return list(self._names)
+    def gathered_parameters(self, params: list[nn.Parameter], modifier_rank: int | None = None):
+        """`params` whole inside the context (ZeRO-3 partitions them; other stages keep them whole)."""
+        if self.zero_stage == 3:
+            return self.deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+        return contextlib.nullcontext()
 
-    # ------------------------------------------------------------------ one step
+    @contextlib.contextmanager
+    def full_parameters(self) -> Iterator[None]:
+        with self.gathered_parameters(list(self.root.parameters())):
+            yield
+
+
+class DeepSpeedStep(TrainStep):
+    """The engine's backward and step; the temperature is clamped in both of its copies."""
+
+    wrapped: DeepSpeedWrapped
 
     def forward(self, *inputs):
         # DeepSpeed runs the forward under its own autocast (amp) or on its bf16 module (pure_bf16).
         inputs = precision.cast_inputs(inputs, self.spec.precision)
-        return tuple(o.float() for o in self.engine(*inputs))
+        return tuple(o.float() for o in self.wrapped.engine(*inputs))
 
     def zero_grad(self) -> None:
         """The engine clears gradients in its own step."""
 
     def backward(self, loss):
-        self.engine.backward(loss)
+        self.wrapped.engine.backward(loss)
 
     def step(self, max_norm):
         # Clipping is the engine's (`gradient_clipping` in its config).
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return _as_float(norm) if norm is not None else None
+        self.wrapped.engine.step()
+        norm = self.wrapped.engine.get_global_grad_norm()
+        return grad_norm_value(norm) if norm is not None else None
 
     def needs_backward_to_drop(self) -> bool:
         # A step without backward leaves nothing in the engine's gradient partitions to clear.
@@ -98,15 +121,10 @@ class DeepSpeedParallel(Parallel):
     def drop(self) -> None:
         pass
 
-    def _gathered(self, params: list[nn.Parameter], modifier_rank: int | None = None):
-        if self.zero_stage == 3:
-            return self._deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
-        return contextlib.nullcontext()
-
     def clamp_logit_scale(self, max_scale: float) -> None:
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-        p = self.root.logit_scale
+        p = temperature(self.root)
         master = safe_get_full_fp32_param(p)  # every rank takes part
         high = math.log(max_scale)
         if master is None or (float(master.min()) >= 0 and float(master.max()) <= high):
@@ -114,20 +132,34 @@ class DeepSpeedParallel(Parallel):
         clamped = master.clamp(0, high)
         # Both copies: the fp32 master (what the optimizer updates) and the module's (what forward reads).
         safe_set_full_fp32_param(p, clamped)
-        with torch.no_grad(), self._gathered([p], modifier_rank=0):
+        with torch.no_grad(), self.wrapped.gathered_parameters([p], modifier_rank=0):
             p.data.copy_(clamped.reshape(p.data.shape).to(p.dtype))
 
     def logit_scale(self) -> float:
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return float(safe_get_full_fp32_param(self.root.logit_scale).exp().reshape(-1)[0])
+        return float(safe_get_full_fp32_param(temperature(self.root)).exp().reshape(-1)[0])
 
-    @contextlib.contextmanager
-    def full_parameters(self) -> Iterator[None]:
-        with self._gathered(list(self.root.parameters())):
-            yield
 
-    # ------------------------------------------------------------------ checkpoint format
+class DeepSpeedCheckpointState(CheckpointState):
+    """The full layout gathered out of ZeRO's partitions, and loaded back into them.
+
+    `params`, `names` and `group_sizes` are the optimizer's parameters, their names and its groups' sizes as
+    they were before ZeRO replaced its parameter lists by flat partitions.
+    """
+
+    def __init__(self, wrapped: DeepSpeedWrapped, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                 names: list[str], group_sizes: list[int]):
+        super().__init__(wrapped.root, optimizer)
+        self.wrapped = wrapped
+        self.engine = wrapped.engine
+        self.zero_stage = wrapped.zero_stage
+        self._params = params
+        self._names = names
+        self._group_sizes = group_sizes
+
+    def param_names(self) -> list[str]:
+        return list(self._names)
 
     def _link_optimizer_state(self) -> None:
         # ZeRO-1/2 links each parameter to its slice of the optimizer state once, after the first step of
@@ -171,13 +203,13 @@ class DeepSpeedParallel(Parallel):
         states = self._inner_states()
         return states[0].get("step") if states else None
 
-    def full_state_dicts(self, model: nn.Module):
+    def _full_state(self, model):
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         if model is not self.root:
             raise ValueError("deepspeed trains the whole model: the checkpointed model must be the wrapped one")
         self._link_optimizer_state()
-        with self._gathered(list(model.parameters())):
+        with self.wrapped.gathered_parameters(list(model.parameters())):
             model_state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
         names = self.param_names()
         keys, step = self._moment_keys(), self._step_count()
@@ -194,17 +226,15 @@ class DeepSpeedParallel(Parallel):
                 for key in keys:
                     value = safe_get_full_optimizer_state(p, key).detach().cpu().reshape(_full_shape(p))
                     per_param[i][key] = value.to(dtypes[key])
-        if _rank() != 0:
-            return None, None
+        if rank() != 0:
+            return None
         inner = self.engine.optimizer.optimizer
         groups, start = [], 0
         for group, original in zip(inner.param_groups, self._group_sizes):
             groups.append({**{k: v for k, v in group.items() if k != "params"},
                            "params": list(range(start, start + original))})
             start += original
-        optim_state = {"state": per_param, "param_groups": groups}
-        return (_fp32(_restore_scalar_shapes(model, model_state)),
-                _scalar_states_as(model, names, optim_state, ()))
+        return model_state, {"state": per_param, "param_groups": groups}
 
     def _set_zero3_state(self, p: nn.Parameter, value: torch.Tensor, key: str) -> None:
         """This rank's part of `value` into its ZeRO-3 partition of the optimizer state `key`.
@@ -220,11 +250,10 @@ class DeepSpeedParallel(Parallel):
             part.zero_()
             part[:piece.numel()].copy_(piece.to(part.dtype))
 
-    def load_optimizer_state(self, state: dict) -> None:
+    def _load(self, state):
+        # The moments go straight into ZeRO's partitions (no torch load_state_dict: its kernel flags do not matter).
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        names = self.param_names()
-        state = _scalar_states_as(self.root, names, state, (1,))
         saved = state.get("state") or {}
         if len(self._params) != sum(len(g["params"]) for g in state.get("param_groups", [])):
             raise ValueError("the checkpoint's optimizer holds other parameters than this run's; model.trainable "

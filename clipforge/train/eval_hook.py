@@ -130,6 +130,7 @@ class PeriodicEval:
         text_emb = self._embed_texts(model, [c for c, k in zip(td.captions, keep) if k])
         if self.rank != 0:
             return {}
+        assert isinstance(td.task, RetrievalTask)  # _retrieval is called for retrieval tasks only
         metrics = retrieval_metrics(torch.from_numpy(image_emb), text_emb, torch.from_numpy(caption_rows[keep]),
                                     ks=td.task.recall_k)
         metrics.update(n_images=len(kept), n_texts=int(keep.sum()), n_failed=len(td.items) - len(kept))

@@ -88,7 +88,7 @@ class Chunked(IterableDataset):
 def unchunked(chunks: Iterable[Chunk], workers: int) -> Iterator[Any]:
     """The items of `chunks` (from `workers` loader processes) in per-item round-robin order."""
     stream = iter(chunks)
-    held = [deque() for _ in range(max(1, workers))]
+    held: list[deque[Any]] = [deque() for _ in range(max(1, workers))]
     ended = [False] * len(held)
     turn = 0
     while not all(ended) or any(held):

@@ -15,9 +15,9 @@ checkpoints are passed over, newest first, with a warning):
   3. plan the data and, for cached heads-only training, compute the frozen features (they depend on
      the towers only, which heads-only training never changes);
   4. apply the fine-tuning stage of the saved step (`model.trainable` as a list of stages), then wrap the
-     trainable module with `parallelize`;
+     trainable module with `parallelize` (`strategy.build_strategy`);
   5. build the optimizer over the same parameters in the same order, then load its state (the full,
-     strategy-independent format of `parallelize`);
+     strategy-independent format of `checkpoint_state`);
   6. build the schedule for the current spec's total steps, then restore its step position (and the
      gradient scaler's state, when there is one);
   7. continue the epoch at its saved step. Data order depends only on (seed, epoch, rank, loader), and
@@ -47,17 +47,20 @@ from clipforge.models import create_model
 from clipforge.models.accumulation import accumulated_step
 from clipforge.models.losses import create_loss
 from clipforge.models.regimes import apply_regime, schedule_parameter_names, stage_at
+from clipforge.runtime.run_dir import MetricsLog, metrics_path, write_summary
 from clipforge.train import budget, run_checkpoints
+from clipforge.train.checkpoint_state import Held
 from clipforge.train.collectives import all_gather_object, all_mean, all_min_int, all_sum_int, barrier
 from clipforge.train.data import SkipCounter
 from clipforge.train.eval_hook import PeriodicEval
 from clipforge.train.monitoring import DataWait, line_resources, write_worker_file
 from clipforge.train.optimizer import WarmupCosine
-from clipforge.train.parallelize import Held, Parallel, parallelize, unwrap
+from clipforge.train.parallelize import unwrap
 from clipforge.train.sources import BatchSource, NotEnoughData, batch_source
 from clipforge.train.spec import TrainSpec
-from clipforge.train.storage import MetricsLog, join, write_json
+from clipforge.train.strategy import Strategy, build_strategy
 from clipforge.train.tensorboard import TensorBoardLog, open_tensorboard
+from clipforge.train.train_step import TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ def _restore_counters(progress: Progress, meta: dict) -> None:
 class Optimisation:
     """Everything one step updates, and the step's own counters."""
 
-    parallel: Parallel  # the wrapped module, its optimizer and gradient scaler (see `parallelize`)
+    strategy: Strategy  # the wrapped module, its optimizer, step and checkpoint state (see `build_strategy`)
     schedule: WarmupCosine
     loss_fn: torch.nn.Module
     regime: object = None  # the fine-tuning stage's `trainable` in force
@@ -112,7 +115,7 @@ class Optimisation:
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        return self.parallel.optimizer
+        return self.strategy.optimizer
 
 
 def _optimisation(spec: TrainSpec, module: torch.nn.Module, device: torch.device, total_steps: int,
@@ -129,9 +132,9 @@ def _optimisation(spec: TrainSpec, module: torch.nn.Module, device: torch.device
         # create_model applied the first stage; a resumed run continues in its own stage.
         apply_regime(module, trainable, progress.step, progress.epoch)
         names = schedule_parameter_names(module, trainable)
-    parallel = parallelize(module, spec, device, names)
+    strategy = build_strategy(module, spec, device, names)
     skipped = int((meta.get("metrics") or {}).get("skipped_steps", 0))
-    return Optimisation(parallel=parallel, schedule=WarmupCosine(parallel.optimizer, spec.optim, total_steps),
+    return Optimisation(strategy=strategy, schedule=WarmupCosine(strategy.optimizer, spec.optim, total_steps),
                         loss_fn=create_loss(spec.loss), regime=regime, skipped_steps=skipped)
 
 
@@ -142,8 +145,8 @@ def _switch_stage(opt: Optimisation, spec: TrainSpec, progress: Progress, epoch:
     regime = stage_at(spec.model.trainable, progress.step, epoch)
     if regime == opt.regime:
         return
-    names = apply_regime(opt.parallel.root, spec.model.trainable, progress.step, epoch)
-    opt.parallel.regime_changed()
+    names = apply_regime(opt.strategy.wrapped.root, spec.model.trainable, progress.step, epoch)
+    opt.strategy.wrapped.regime_changed()
     opt.regime = regime
     log.info("step %d: fine-tuning stage changes, %d parameter tensors train now", progress.step, len(names))
 
@@ -186,17 +189,17 @@ def _synchronised(batches, steps: int):
 class _Forward:
     """The wrapped module's forward as `accumulated_step` calls it (with the strategy's `no_sync`)."""
 
-    def __init__(self, parallel: Parallel):
-        self.parallel = parallel
-        self.no_sync = parallel.no_sync
+    def __init__(self, step: TrainStep):
+        self.step = step
+        self.no_sync = step.no_sync
 
     def __call__(self, *inputs):
-        return self.parallel.forward(*inputs)
+        return self.step.forward(*inputs)
 
 
 def _loss_and_backward(opt: Optimisation, inputs, spec: TrainSpec) -> tuple[torch.Tensor, float, bool]:
     """(local loss, exp(logit_scale) used, whether backward already ran)."""
-    par, k = opt.parallel, spec.optim.accumulation_steps
+    par, k = opt.strategy.step, spec.optim.accumulation_steps
     if k > 1:
         micro_batches = list(zip(*(x.chunk(k) for x in inputs)))
         # Every micro-batch's backward runs inside, on the loss scaled for amp_fp16.
@@ -214,7 +217,7 @@ def _step(opt: Optimisation, inputs, spec: TrainSpec, progress: Progress, epoch:
     TrainingDiverged, `skip` drops the update (the schedule still advances: the batch was used).
     """
     _switch_stage(opt, spec, progress, epoch)
-    par = opt.parallel
+    par = opt.strategy.step
     lr = opt.schedule.apply()
     par.zero_grad()
     loss, scale, backward_done = _loss_and_backward(opt, inputs, spec)
@@ -294,14 +297,14 @@ def train_worker(spec: TrainSpec, ctx: WorkerContext | None = None) -> dict:
     total_steps = budget.total_steps(spec.optim, source.steps, spec.data.batch_size)
     opt = _optimisation(spec, source.module, ctx.device, total_steps, progress, meta)
     if resume_from:
-        run_checkpoints.restore_training_state(resume_from, opt.parallel.optimizer_state, opt.schedule,
-                                           opt.parallel.scaler)
+        run_checkpoints.restore_training_state(resume_from, opt.strategy.state.optimizer_state, opt.schedule,
+                                           opt.strategy.step.scaler)
         if ctx.rank == 0:
             log.info("resumed from %s after epoch %d (step %d)", resume_from, progress.epoch, progress.step)
     metrics_log, board = None, None
     if ctx.rank == 0:
         resume_step = progress.step if resume_from else None
-        metrics_log = MetricsLog(join(spec.storage, "metrics.jsonl"), resume_step)
+        metrics_log = MetricsLog(metrics_path(spec.storage), resume_step)
         board = open_tensorboard(spec.storage, resume_step) if spec.tensorboard else None
     evaluate = None
     if spec.eval_tasks:
@@ -420,7 +423,8 @@ class _Run:
 
     def _evaluate(self) -> dict:
         """Results on rank 0, {} elsewhere (every rank takes part)."""
-        with self.opt.parallel.full_parameters():
+        assert self.evaluate is not None  # called only when the run evaluates
+        with self.opt.strategy.wrapped.full_parameters():
             results = self.evaluate(unwrap(self.model))
         if self.ctx.rank == 0:
             shown = {k: round(v, 4) for k, v in results.items()}
@@ -446,9 +450,10 @@ class _Run:
         self.saved = (p.step, p.epoch)
         positions = all_gather_object(self.source.position())
         # Sharded strategies gather the full state dicts collectively; rank 0 receives them.
-        model_state, optim_state = self.opt.parallel.full_state_dicts(self.model)
+        model_state, optim_state = self.opt.strategy.state.state_dicts(self.model)
         skipped = (all_sum_int(p.skipped.count), all_sum_int(p.skipped.shards))
         if self.ctx.rank == 0:
+            assert model_state is not None and optim_state is not None  # rank 0 receives them
             extra = {
                 "step_in_epoch": p.step_in_epoch,
                 "data_position": {"layout": self.source.layout, "world_size": self.ctx.world_size,
@@ -459,7 +464,7 @@ class _Run:
                 "restarts": p.restarts,
             }
             run_checkpoints.save(self.spec, Held(model_state), self.model_name, Held(optim_state), self.opt.schedule, p,
-                             extra, scaler=self.opt.parallel.scaler)
+                             extra, scaler=self.opt.strategy.step.scaler)
             if self.board is not None:
                 self.board.flush()
         # Nobody goes on (or resumes, or evaluates) before the checkpoint is complete.
@@ -482,4 +487,4 @@ def train_loop_per_worker(config: dict) -> None:
     )
     summary = train_worker(spec, ctx)
     if ctx.rank == 0:
-        write_json(join(spec.storage, "summary.json"), summary)
+        write_summary(spec.storage, summary)

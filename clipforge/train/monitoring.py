@@ -9,8 +9,9 @@ from typing import Iterator, TypeVar
 import psutil
 import torch
 
+from clipforge.runtime.fs_files import join, write_json
+from clipforge.runtime.run_dir import WORKERS_DIR
 from clipforge.train.collectives import all_gather_object
-from clipforge.train.storage import join, write_json
 
 T = TypeVar("T")
 
@@ -61,7 +62,7 @@ def line_resources(wait_seconds: float, steps: int, step_time: float, device: to
 
 
 def worker_file(storage: str, rank: int) -> str:
-    return join(storage, "workers", f"rank_{rank}.json")
+    return join(storage, WORKERS_DIR, f"rank_{rank}.json")
 
 
 def write_worker_file(storage: str, rank: int, **fields) -> None:

@@ -1,4 +1,5 @@
-"""AdamW with decay only where it regularises, and the warmup + cosine learning-rate schedule."""
+"""AdamW with decay only where it regularises, the names of its parameters in its own order, its kernel, and the
+warmup + cosine learning-rate schedule."""
 from __future__ import annotations
 
 import math
@@ -31,7 +32,8 @@ def build_optimizer(module: nn.Module, spec: OptimSpec, names: Iterable[str] | N
     (results agree to rounding). The bf16-state optimizer has no fused kernel and ignores it.
     """
     wanted = None if names is None else set(names)
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in module.named_parameters():
         if (p.requires_grad if wanted is None else name in wanted):
             (decay if _decays(name, p) else no_decay).append(p)
@@ -43,13 +45,34 @@ def build_optimizer(module: nn.Module, spec: OptimSpec, names: Iterable[str] | N
         from clipforge.models.adamw_bf16 import AdamWBF16State
 
         return AdamWBF16State(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps)
-    hyper = {"lr": spec.lr, "betas": (spec.beta1, spec.beta2), "eps": spec.eps}
+    betas = (spec.beta1, spec.beta2)
     if fused:
         try:
-            return torch.optim.AdamW(groups, **hyper, fused=True)
+            return torch.optim.AdamW(groups, lr=spec.lr, betas=betas, eps=spec.eps, fused=True)
         except RuntimeError:  # a device or dtype without the fused kernel
             pass
-    return torch.optim.AdamW(groups, **hyper)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=betas, eps=spec.eps)
+
+
+def optimizer_parameter_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of `optimizer`'s parameters (of `module`) in its own order: the numbering of its state dict."""
+    names = {p: n for n, p in module.named_parameters()}
+    return [names[p] for g in optimizer.param_groups for p in g["params"]]
+
+
+# Which implementation torch.optim runs; saved in every param group, but a property of this run, not of the state.
+_KERNEL_FLAGS = ("fused", "foreach")
+
+
+def with_kernel_flags_of(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """`state` with `optimizer`'s own kernel flags in its param groups (torch's load_state_dict takes the saved
+    groups' flags), so a checkpoint resumes on this run's kernel whichever kernel or strategy wrote it."""
+    saved = state.get("param_groups") or []
+    if len(saved) != len(optimizer.param_groups):
+        return state  # torch's load_state_dict names the mismatch
+    groups = [{**g, **{k: mine[k] for k in _KERNEL_FLAGS if k in mine}}
+              for g, mine in zip(saved, optimizer.param_groups)]
+    return {**state, "param_groups": groups}
 
 
 def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:

@@ -1,25 +1,21 @@
-"""The one place where the trained module is placed on its device and wrapped for the parallelism strategy.
+"""The trained module placed on its device and wrapped for its parallelism strategy: ddp, fsdp2, or none for a
+single process.
 
-`parallelize` returns a `Parallel`: the module to run forward through, its optimizer, and everything a
-step does that depends on the strategy (backward, clipping and the gradient norm, the optimizer step,
-the temperature clamp, the gradient scaler) plus the strategy-independent checkpoint format:
+`parallelize` returns a `Wrapped`: the module to run forward through and what the wrapping itself needs --
+suspending gradient synchronisation, re-wrapping when the trainable set changes between fine-tuning stages,
+and gathering the full parameters. The optimizer (`optimizer.py`), the step (`train_step.py`) and the
+checkpoint state (`checkpoint_state.py`) are built over a `Wrapped` by `strategy.build_strategy`.
 
-  model:     the unwrapped model's full state dict, fp32 (frozen towers included);
-  optimizer: torch.optim's own state-dict layout (parameters numbered in the optimizer's order, that is
-             decayed weights first, then the rest, each in model order), with full, unsharded tensors.
-
-So a checkpoint written under one strategy resumes under any other. `full_state_dicts` is a collective
-(every rank calls it; rank 0 receives the dicts), `load_optimizer_state` runs on every rank with the
-full dict each rank read from the checkpoint.
+DeepSpeed's engine wraps the module together with its optimizer, so `strategy.build_strategy` hands
+`deepspeed` runs to `deepspeed_engine.py` instead.
 
 Sharded strategies cannot hold 0-dim parameters (the temperature and logit bias): they are reshaped to
-[1] while wrapped, and the state dicts give them back their own shapes.
+[1] while wrapped (`promote_scalars`), and the checkpoint state gives them back their own shapes.
 """
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -28,87 +24,28 @@ from torch.nn.parallel import DistributedDataParallel
 from clipforge.models.regimes import tower_layout
 from clipforge.train import precision
 from clipforge.train.collectives import distributed
-from clipforge.train.optimizer import build_optimizer
 from clipforge.train.spec import TrainSpec
 
 _SCALARS_ATTR = "_clipforge_scalar_parameters"
 
 
-class Parallel:
-    """A module wrapped for a strategy, with its optimizer. The base class is a single process (no wrapper).
+class Wrapped:
+    """A module placed and wrapped for a strategy. The base class is a single process (no wrapper).
 
-    `fused_adamw`: run AdamW on torch's fused kernel (see `build_optimizer`); only for parameters that are plain
-    tensors of this process (not FSDP2's DTensors, nor an optimizer that DeepSpeed wraps).
+    `sharded`: each rank holds only parts of the parameters and their gradients (FSDP2's DTensors, ZeRO-3's
+    partitions), not whole tensors of this process.
     """
 
-    def __init__(self, module: nn.Module, spec: TrainSpec, device: torch.device, names: list[str] | None,
-                 fused_adamw: bool = False):
-        self.root = module  # the unwrapped trained module
-        self.spec = spec
+    sharded = False
+
+    def __init__(self, root: nn.Module, device: torch.device):
+        self.root = root  # the unwrapped trained module
         self.device = device
-        self.optimizer = build_optimizer(module, spec.optim, names, fused=fused_adamw)
-        self.scaler = precision.grad_scaler(spec.precision, device)
-        self.module: nn.Module = module  # what forward runs through
-
-    # ------------------------------------------------------------------ one step
-
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The module's outputs in fp32 (the loss runs in fp32 under every precision)."""
-        inputs = precision.cast_inputs(inputs, self.spec.precision)
-        with precision.autocast(self.spec.precision, self.device):
-            outputs = self.module(*inputs)
-        return tuple(o.float() for o in outputs)
+        self.module: nn.Module = root  # what forward runs through
 
     def no_sync(self):
         """Suspends gradient synchronisation for the non-final passes of an accumulated step."""
         return contextlib.nullcontext()
-
-    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
-        return self.scaler.scale(loss) if self.scaler is not None else loss
-
-    def loss_scale(self) -> float:
-        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scaled(loss).backward()
-
-    def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.root.parameters() if p.requires_grad]
-
-    def step(self, max_norm: float | None) -> float | None:
-        """Unscale, clip to `max_norm`, step; returns the global gradient norm before clipping."""
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.trainable() if p.grad is not None]
-        if max_norm:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        return _as_float(norm)
-
-    def drop(self) -> None:
-        """Discard this step's gradients (a non-finite loss): no parameter moves."""
-        self.zero_grad()
-
-    def needs_backward_to_drop(self) -> bool:
-        """Whether a dropped step still runs backward (wrappers that expect every forward to have one)."""
-        return True
-
-    def clamp_logit_scale(self, max_scale: float) -> None:
-        """Keep exp(logit_scale) within [1, max_scale], as CLIP does after each step."""
-        with torch.no_grad():
-            self.root.logit_scale.clamp_(0, math.log(max_scale))
-
-    def logit_scale(self) -> float:
-        return float(self.root.logit_scale.detach().float().exp().reshape(-1)[0])
 
     def regime_changed(self) -> None:
         """Called after `apply_regime` changed which parameters train."""
@@ -118,57 +55,12 @@ class Parallel:
         """Every parameter whole and in place on every rank (for evaluation inside training)."""
         yield
 
-    # ------------------------------------------------------------------ checkpoint format
 
-    def full_state_dicts(self, model: nn.Module) -> tuple[dict | None, dict | None]:
-        """(model state, optimizer state) in the common full format on rank 0, (None, None) elsewhere."""
-        if _rank() != 0:
-            return None, None
-        return _fp32(_restore_scalar_shapes(model, model.state_dict())), self._optimizer_state_dict()
-
-    def _optimizer_state_dict(self) -> dict:
-        return _scalar_states_as(self.root, self.param_names(), self.optimizer.state_dict(), ())
-
-    def load_optimizer_state(self, state: dict) -> None:
-        state = _with_kernel_flags_of(self.optimizer, state)
-        self.optimizer.load_state_dict(_scalar_states_as(self.root, self.param_names(), state, (1,)))
-
-    def param_names(self) -> list[str]:
-        """Names of the optimizer's parameters in its own order (the numbering of its state dict)."""
-        names = {p: n for n, p in self.root.named_parameters()}
-        return [names[p] for g in self.optimizer.param_groups for p in g["params"]]
-
-    @property
-    def optimizer_state(self) -> "_OptimizerState":
-        """What checkpoints.restore_training_state loads the optimizer state into."""
-        return _OptimizerState(self)
-
-
-class _OptimizerState:
-    """load_state_dict(full state) -> Parallel.load_optimizer_state, for the checkpoint reader."""
-
-    def __init__(self, parallel: Parallel):
-        self.parallel = parallel
-
-    def load_state_dict(self, state: dict) -> None:
-        self.parallel.load_optimizer_state(state)
-
-
-class Held:
-    """A state dict already gathered, handed to the checkpoint writer (which calls `.state_dict()`)."""
-
-    def __init__(self, state: dict):
-        self.state = state
-
-    def state_dict(self) -> dict:
-        return self.state
-
-
-class DataParallel(Parallel):
+class DataParallel(Wrapped):
     """Replicated model; DDP averages gradients over ranks in backward."""
 
-    def __init__(self, module, spec, device, names):
-        super().__init__(module, spec, device, names, fused_adamw=True)
+    def __init__(self, root: nn.Module, device: torch.device):
+        super().__init__(root, device)
         self.module = self._wrap()
 
     def _wrap(self) -> nn.Module:
@@ -186,37 +78,32 @@ class DataParallel(Parallel):
         self.module = self._wrap()
 
 
-class FullyShardedParallel(Parallel):
-    """FSDP2: every tower block, then the root, sharded over the ranks (`fully_shard`)."""
+class FullyShardedParallel(Wrapped):
+    """FSDP2: every tower block, then the root, sharded over the ranks (`fully_shard`).
 
-    def __init__(self, module, spec, device, names):
+    The optimizer must be built after wrapping: `fully_shard` replaces the parameters by DTensors, of which
+    each rank updates its shard.
+    """
+
+    sharded = True
+
+    def __init__(self, root: nn.Module, spec: TrainSpec, device: torch.device):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-        promote_scalars(module)
+        promote_scalars(root)
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
         options = dict(mesh=mesh, mp_policy=precision.mixed_precision_policy(spec.precision),
                        reshard_after_forward=spec.parallel.fsdp_reshard_after_forward,
                        offload_policy=CPUOffloadPolicy(pin_memory=False) if spec.parallel.fsdp_cpu_offload
                        else OffloadPolicy())
-        for block in block_modules(module):
+        for block in block_modules(root):
             fully_shard(block, **options)
-        fully_shard(module, **options)
-        # The optimizer is built over the sharded parameters (DTensors): each rank updates its shard.
-        super().__init__(module, spec, device, names)
-        if self.scaler is not None:
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-            # Each rank sees only its gradient shards: overflow must be agreed on by all ranks.
-            self.scaler = ShardedGradScaler(device.type, init_scale=spec.precision.init_scale)
+        fully_shard(root, **options)
+        super().__init__(root, device)
 
     def no_sync(self):
         return _fsdp_no_sync(self.root)
-
-    def logit_scale(self) -> float:
-        # A one-element DTensor, held by one rank (clamping it in place clamps that shard).
-        value = self.root.logit_scale.detach()
-        return float(value.full_tensor().float().exp().reshape(-1)[0])
 
     @contextlib.contextmanager
     def full_parameters(self) -> Iterator[None]:
@@ -230,34 +117,6 @@ class FullyShardedParallel(Parallel):
         finally:
             for m in shardeds:
                 m.reshard()
-
-    def full_state_dicts(self, model):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        if model is not self.root:
-            raise ValueError("fsdp2 trains the whole model: the checkpointed model must be the wrapped one")
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(model, options=options)
-        optim_state = get_optimizer_state_dict(model, self.optimizer, options=options)
-        if _rank() != 0:
-            return None, None
-        names = self.param_names()
-        numbered = _numbered_optimizer_state(optim_state, names)
-        return _fp32(_restore_scalar_shapes(model, model_state)), _scalar_states_as(model, names, numbered, ())
-
-    def load_optimizer_state(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        names = self.param_names()
-        state = _scalar_states_as(self.root, names, _with_kernel_flags_of(self.optimizer, state), (1,))
-        if not state.get("state"):
-            return  # written before any update: the fresh optimizer is that state
-        by_name = _named_optimizer_state(state, names)
-        set_optimizer_state_dict(self.root, self.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 @contextlib.contextmanager
@@ -273,33 +132,29 @@ def _fsdp_no_sync(module: nn.Module) -> Iterator[None]:
         module.set_requires_gradient_sync(True)
 
 
-def parallelize(module: nn.Module, spec: TrainSpec, device: torch.device | None = None,
-                names: list[str] | None = None) -> Parallel:
-    """Place `module` on `device`, wrap it as `spec.strategy` asks and build its optimizer over `names`
-    (default: the parameters that require grad). A single process gets no wrapper."""
-    device = device or torch.device("cpu")
-    module = module.to(device)
+def parallelize(module: nn.Module, spec: TrainSpec, device: torch.device | None = None) -> Wrapped:
+    """Place `module` on `device` and wrap it as `spec.strategy` asks. A single process gets no wrapper."""
     if spec.strategy == "deepspeed":
-        from clipforge.train.deepspeed_engine import DeepSpeedParallel
-
-        # DeepSpeed casts the module itself (its bf16 mode) and needs its process group even for one rank.
-        return DeepSpeedParallel(module, spec, device, names)
-    module = precision.cast_module(module, spec.precision)
+        raise ValueError("strategy deepspeed: DeepSpeed's engine wraps the module together with its optimizer; "
+                         "build it with strategy.build_strategy")
+    device = device or torch.device("cpu")
+    module = precision.cast_module(module.to(device), spec.precision)
     if not distributed():
-        return Parallel(module, spec, device, names, fused_adamw=True)
+        return Wrapped(module, device)
     if spec.strategy == "ddp":
-        return DataParallel(module, spec, device, names)
+        return DataParallel(module, device)
     if spec.strategy == "fsdp2":
-        return FullyShardedParallel(module, spec, device, names)
+        return FullyShardedParallel(module, spec, device)
     raise ValueError(f"strategy `{spec.strategy}` is not supported")
 
 
-def unwrap(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module | Wrapped) -> nn.Module:
     """The plain module under any strategy wrapper (for state dicts and parameter access)."""
-    if isinstance(module, Parallel):
+    if isinstance(module, Wrapped):
         return module.root
-    while isinstance(getattr(module, "module", None), nn.Module):  # DDP, DeepSpeed's engine
-        module = module.module
+    inner = getattr(module, "module", None)
+    while isinstance(inner, nn.Module):  # DDP, DeepSpeed's engine
+        module, inner = inner, getattr(inner, "module", None)
     return module
 
 
@@ -351,87 +206,6 @@ def promote_scalars(module: nn.Module) -> list[str]:
     return names
 
 
-def _scalar_names(module: nn.Module) -> set[str]:
+def promoted_scalar_names(module: nn.Module) -> set[str]:
+    """Names of the parameters `promote_scalars` reshaped from 0-dim to [1] in `module`."""
     return set(getattr(module, _SCALARS_ATTR, []))
-
-
-def _restore_scalar_shapes(module: nn.Module, state: dict) -> dict:
-    scalars = _scalar_names(module)
-    return {k: v.reshape(()) if k in scalars and isinstance(v, torch.Tensor) and v.numel() == 1 else v
-            for k, v in state.items()}
-
-
-def _scalar_states_as(module: nn.Module, names: list[str], state: dict, shape: tuple) -> dict:
-    """Optimizer state (numbered by `names`) with the moments of 0-dim parameters reshaped to `shape`."""
-    scalars = _scalar_names(module)
-    if not scalars or not state.get("state"):
-        return state
-    out = {**state, "state": dict(state["state"])}
-    for index, per_param in state["state"].items():
-        if names[int(index)] in scalars:
-            out["state"][index] = {k: v.reshape(shape) if k != "step" and isinstance(v, torch.Tensor) else v
-                                   for k, v in per_param.items()}
-    return out
-
-
-# ---------------------------------------------------------------------- the optimizer's kernel
-
-# Which implementation torch.optim runs; saved in every param group, but a property of this run, not of the state.
-_KERNEL_FLAGS = ("fused", "foreach")
-
-
-def _with_kernel_flags_of(optimizer: torch.optim.Optimizer, state: dict) -> dict:
-    """`state` with `optimizer`'s own kernel flags in its param groups (torch's load_state_dict takes the saved
-    groups' flags), so a checkpoint resumes on this run's kernel whichever kernel or strategy wrote it."""
-    saved = state.get("param_groups") or []
-    if len(saved) != len(optimizer.param_groups):
-        return state  # torch's load_state_dict names the mismatch
-    groups = [{**g, **{k: mine[k] for k in _KERNEL_FLAGS if k in mine}}
-              for g, mine in zip(saved, optimizer.param_groups)]
-    return {**state, "param_groups": groups}
-
-
-# ---------------------------------------------------------------------- optimizer state layouts
-
-
-def _numbered_optimizer_state(by_name: dict, names: list[str]) -> dict:
-    """torch.distributed's name-keyed optimizer state -> torch.optim's layout, numbered as `names` are ordered."""
-    numbers = {name: i for i, name in enumerate(names)}
-    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [numbers[n] for n in group["params"]]}
-              for group in by_name["param_groups"]]
-    return {"state": {numbers[name]: value for name, value in by_name["state"].items()}, "param_groups": groups}
-
-
-def _named_optimizer_state(numbered: dict, names: list[str]) -> dict:
-    """torch.optim's numbered layout -> name-keyed, numbering by the current optimizer's order."""
-    groups, index = [], 0
-    for group in numbered["param_groups"]:
-        n = len(group["params"])
-        groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": names[index:index + n]})
-        index += n
-    if index != len(names):
-        raise ValueError(f"the checkpoint's optimizer holds {index} parameters, this run's {len(names)}; "
-                         "model.trainable must list the same parameters as when it was written")
-    return {"state": {names[int(i)]: v for i, v in numbered["state"].items()}, "param_groups": groups}
-
-
-# ---------------------------------------------------------------------- small helpers
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if distributed() else 0
-
-
-def _as_float(value: Any) -> float | None:
-    """A gradient norm as a number; None when it overflowed (fp16 steps the gradient scaler skips)."""
-    if hasattr(value, "full_tensor"):
-        value = value.full_tensor()
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _fp32(state: dict) -> dict:
-    """Floating-point tensors as fp32 on the CPU: the same checkpoint under every precision."""
-    return {k: v.detach().float().cpu() if isinstance(v, torch.Tensor) and v.is_floating_point()
-            else v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}

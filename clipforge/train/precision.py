@@ -48,10 +48,18 @@ def cast_inputs(inputs: tuple, spec: PrecisionSpec) -> tuple:
     return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
 
 
-def grad_scaler(spec: PrecisionSpec, device: torch.device) -> torch.amp.GradScaler | None:
-    """amp_fp16's dynamic loss scaler (fp16 gradients underflow without it); None for other modes."""
+def grad_scaler(spec: PrecisionSpec, device: torch.device, sharded: bool = False) -> torch.amp.GradScaler | None:
+    """amp_fp16's dynamic loss scaler (fp16 gradients underflow without it); None for other modes.
+
+    `sharded`: the gradients are FSDP2's shards, and each rank sees only its own: overflow must be agreed on
+    by all ranks (ShardedGradScaler).
+    """
     if spec.mode != "amp_fp16":
         return None
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type, init_scale=spec.init_scale)
     return torch.amp.GradScaler(device.type, init_scale=spec.init_scale)
 
 

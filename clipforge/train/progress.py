@@ -13,8 +13,9 @@ from typing import TextIO
 import fsspec
 from tqdm import tqdm
 
+from clipforge.runtime.fs_files import is_local
+from clipforge.runtime.run_dir import metrics_path
 from clipforge.train.monitoring import worker_file
-from clipforge.train.storage import is_local, join
 
 
 class MetricsProgress:
@@ -23,7 +24,7 @@ class MetricsProgress:
     def __init__(self, storage: str, name: str, stream: TextIO | None = None, poll_seconds: float | None = None):
         self.stream = stream if stream is not None else sys.stdout
         self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.metrics_path = join(storage, "metrics.jsonl")
+        self.metrics_path = metrics_path(storage)
         self.rank0_path = worker_file(storage, 0)
         # Remote logs are re-read whole on each poll: poll them less often.
         self.poll_seconds = poll_seconds if poll_seconds is not None else (0.5 if is_local(storage) else 5.0)
@@ -44,6 +45,7 @@ class MetricsProgress:
             self._stop.set()
             self._thread.join(timeout=30)
             self.poll()  # the final state
+        if self.bar is not None:
             self.bar.close()
 
     def _run(self) -> None:

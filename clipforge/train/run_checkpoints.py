@@ -16,9 +16,9 @@ import logging
 import re
 import time
 import zipfile
+from typing import Any, Protocol
 
 import fsspec
-import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from clipforge.errors import UserError
@@ -38,10 +38,24 @@ from clipforge.models.checkpoint_files import (
     recorded_files,
     save_checkpoint,
 )
+from clipforge.runtime.fs_files import join
+from clipforge.runtime.run_dir import CHECKPOINTS_DIR
 from clipforge.train.spec import TrainSpec
-from clipforge.train.storage import join
 
 log = logging.getLogger(__name__)
+
+
+class HasStateDict(Protocol):
+    """What a checkpoint is written from: a module, an optimizer, or a state already gathered."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+class LoadsStateDict(Protocol):
+    """What a checkpoint's optimizer state is restored into."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> object: ...
+
 
 EPOCH_PREFIX = "epoch_"
 STEP_PREFIX = "step_"
@@ -61,7 +75,7 @@ class ExistingRunError(UserError, ValueError):
 
 
 def checkpoint_root(spec: TrainSpec) -> str:
-    return join(spec.storage, "checkpoints")
+    return join(spec.storage, CHECKPOINTS_DIR)
 
 
 def checkpoint_name(epoch: int, step: int, step_in_epoch: int) -> str:
@@ -222,7 +236,7 @@ def refuse_existing(spec: TrainSpec) -> None:
         )
 
 
-def save(spec: TrainSpec, model: torch.nn.Module, model_name: str, optimizer: torch.optim.Optimizer,
+def save(spec: TrainSpec, model: HasStateDict, model_name: str, optimizer: HasStateDict,
          schedule, progress, extra_meta: dict | None = None, scaler=None) -> str:
     """Write the unwrapped model (all weights, frozen towers included) plus what resuming needs; prune old ones.
 
@@ -296,7 +310,7 @@ def resume_state(path: str) -> dict:
     return load_meta(path)
 
 
-def restore_training_state(path: str, optimizer: torch.optim.Optimizer, schedule, scaler=None) -> None:
+def restore_training_state(path: str, optimizer: LoadsStateDict, schedule, scaler=None) -> None:
     """Optimizer moments, the schedule position and the gradient scaler; the optimizer must be built over the
     same parameters in the same order."""
     opt_state = load_optimizer_state(path)

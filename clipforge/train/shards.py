@@ -1,13 +1,13 @@
-"""Finding WebDataset shards and reading their samples, without decoding anything.
+"""Finding WebDataset shards and reading their training samples, without decoding anything.
 
-Shards are plain tar files whose members are grouped into samples by key: the member name up to
-the first dot of its base name (`dir/000123.jpg` and `dir/000123.txt` form sample `dir/000123`).
-Paths may be local or any fsspec URL; folders and globs are expanded to the `*.tar` files they hold.
+Shards are tar files whose consecutive members are grouped into samples by key (see
+clipforge.runtime.tar_shard_reader, which reads them). Paths may be local or any fsspec URL; folders and
+globs are expanded to the `*.tar` files they hold. Damaged shards and incomplete samples are skipped and
+counted, never fatal: counting and reading skip exactly the same ones, so counts plan exact resumes.
 """
 from __future__ import annotations
 
 import logging
-import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -15,6 +15,7 @@ import fsspec
 
 from clipforge.errors import UserError
 from clipforge.runtime.storage_errors import storage_errors
+from clipforge.runtime.tar_shard_reader import Handler, ShardReadError, count_shard_samples, iter_shard_samples
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,7 @@ def expand_shards(patterns: list[str], where: str = "data.shards") -> list[str]:
     for pattern in patterns:
         with storage_errors(where, pattern):
             urls.extend(_expand_one(pattern, where))
-    seen: set[str] = set()
-    return [u for u in urls if not (u in seen or seen.add(u))]
+    return list(dict.fromkeys(urls))  # duplicates dropped, first occurrence's order kept
 
 
 def _expand_one(pattern: str, where: str) -> list[str]:
@@ -72,15 +72,6 @@ def _has_protocol(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """`a/b/000123.txt.gz` -> (`a/b/000123`, `txt.gz`); names without an extension -> None."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot <= slash + 1 or dot == len(name) - 1:
-        return None
-    return name[:dot], name[dot + 1 :].lower()
-
-
 @dataclass
 class SampleKeys:
     """Which member extensions make up a training sample."""
@@ -94,6 +85,11 @@ class SampleKeys:
         if not exts:
             raise ShardError(f"data.image_key `{image_key}` names no extension")
         return cls(image_exts=exts, text_ext=text_key.strip().lower().lstrip("."))
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The member extensions a sample is read with; other members are skipped unread."""
+        return frozenset((*self.image_exts, self.text_ext))
 
     def complete(self, exts: set[str] | dict) -> bool:
         return self.text_ext in exts and any(e in exts for e in self.image_exts)
@@ -117,77 +113,42 @@ class ReadStats:
     broken_shards: list[str] = field(default_factory=list)
 
 
-def _iter_groups(url: str, stats: ReadStats) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Consecutive tar members grouped by key; a broken tar ends its shard with a warning, not a crash."""
-    key: str | None = None
-    group: dict[str, bytes] = {}
-    try:
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                parts = split_member_name(member.name)
-                if parts is None:
-                    continue
-                k, ext = parts
-                if k != key:
-                    if key is not None:
-                        yield key, group
-                    key, group = k, {}
-                data = tar.extractfile(member)
-                group[ext] = data.read() if data is not None else b""
-            cut_short = _ends_without_marker(f, tar)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        log.warning("shard %s is broken after key %s (%s); skipping its remaining samples", url, key, e)
-        stats.broken_shards.append(url)
-        return
-    if key is not None:
-        yield key, group
-    if cut_short:
-        log.warning("shard %s ends after key %s without the end-of-archive marker: it was cut short", url, key)
-        stats.broken_shards.append(url)
+def _skip_damage(stats: ReadStats) -> Handler:
+    """Reading's error handler: a damaged shard ends with a warning and is recorded, not a crash; a member
+    that repeats a field of its sample is left out with a warning."""
+
+    def handle(exn: Exception) -> bool:
+        if isinstance(exn, ShardReadError):
+            log.warning("%s; skipping its remaining samples", exn)
+            stats.broken_shards.append(exn.url)
+        else:
+            log.warning("%s; the first one is kept", exn)
+        return True
+
+    return handle
 
 
-def _ends_without_marker(f, tar: tarfile.TarFile) -> bool:
-    """Whether an uncompressed tar stopped at a cut, not at its end-of-archive block of zeros.
-
-    tarfile ends a stream silently when a header after the first is missing or cut, so a shard cut
-    at a header boundary would otherwise look complete. Compressed streams cannot be checked this way.
-    """
-    if getattr(tar.fileobj, "comptype", "tar") != "tar":
-        return False
-    f.seek(tar.offset)
-    block = f.read(tarfile.BLOCKSIZE)
-    return len(block) < tarfile.BLOCKSIZE or block.count(tarfile.NUL) != tarfile.BLOCKSIZE
+def _count_damage(exn: Exception) -> bool:
+    """Counting's error handler: as reading's, so that counts equal what reading yields."""
+    if isinstance(exn, ShardReadError):
+        log.warning("%s; counting the samples before it", exn)
+    else:
+        log.warning("%s; the first one is kept", exn)
+    return True
 
 
 def iter_raw_samples(url: str, keys: SampleKeys, stats: ReadStats | None = None) -> Iterator[RawSample]:
     """Complete samples (an image of one of `keys.image_exts` and a caption) of one shard, in tar order."""
     stats = stats if stats is not None else ReadStats()
-    for key, group in _iter_groups(url, stats):
-        if not keys.complete(group):
+    for sample in iter_shard_samples(url, keys.fields, handler=_skip_damage(stats)):
+        if not keys.complete(sample):
             stats.incomplete += 1
             continue
-        image = next(group[e] for e in keys.image_exts if e in group)
-        yield RawSample(key=key, url=url, image=image, text=group[keys.text_ext])
+        image = next(sample[e] for e in keys.image_exts if e in sample)
+        yield RawSample(key=sample["__key__"], url=url, image=image, text=sample[keys.text_ext])
 
 
 def count_samples(url: str, keys: SampleKeys) -> int:
-    """Complete samples in a shard, from the tar headers only (member data is skipped, not read)."""
-    exts_by_key: dict[str, set[str]] = {}
-    order: list[str] = []
-    try:
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
-            for member in tar:  # lazily, so a damaged tail keeps the headers before it
-                parts = split_member_name(member.name) if member.isfile() else None
-                if parts is None:
-                    continue
-                k, ext = parts
-                if k not in exts_by_key:
-                    exts_by_key[k] = set()
-                    order.append(k)
-                exts_by_key[k].add(ext)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        # Readers stop at the same point, so the samples before the damage still count.
-        log.warning("shard %s: cannot read all tar headers (%s); counting the readable ones", url, e)
-    return sum(1 for k in order if keys.complete(exts_by_key[k]))
+    """Complete samples in a shard, from the tar headers only (member data is skipped, not read): exactly the
+    samples `iter_raw_samples` yields, a damaged shard's included."""
+    return count_shard_samples(url, keys.complete, keys.fields, handler=_count_damage)

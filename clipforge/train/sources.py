@@ -156,7 +156,7 @@ def streamed_source(spec: TrainSpec, bundle: ModelBundle, plans: list[RankPlan],
         if start_step and consumed is None and rank == 0:
             log.warning("epoch %d resumes at step %d without a usable data position (the worker or loader count "
                         "changed): it restarts from the epoch's first sample", epoch + 1, start_step)
-        position.start(loaders, consumed, int(saved.get("next_loader", 0)) if consumed else 0)
+        position.start(loaders, consumed, int(saved.get("next_loader", 0)) if saved and consumed else 0)
         samples = RankSamples(plans[rank], keys, preprocess, bundle.tokenizer, spec.seed, epoch,
                               spec.data.shuffle_buffer, skip=tuple(position.consumed),
                               rotation=position.next_loader, tag=True)

@@ -68,12 +68,17 @@ class TrainDataSpec(Spec):
 
     def source_list(self) -> list[DataSource]:
         """`shards` as a single source of weight 1, or `sources` as given."""
-        return self.sources if self.sources is not None else [DataSource(shards=self.shards)]
+        if self.sources is not None:
+            return self.sources
+        assert self.shards is not None  # the validator above requires one of the two
+        return [DataSource(shards=self.shards)]
 
 
 class OptimSpec(Spec):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to norms, biases, temperature).")
+    weight_decay: float = Field(
+        0.1, ge=0, description="AdamW weight decay (not applied to norms, biases, temperature)."
+    )
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.98, ge=0, lt=1)
     eps: float = Field(1e-6, gt=0)
@@ -286,7 +291,8 @@ class TrainSpec(Spec):
     def _batch_divisible(self) -> "TrainSpec":
         if self.data.batch_size % self.scaling.workers:
             raise ValueError(
-                f"data.batch_size ({self.data.batch_size}) must be divisible by scaling.workers ({self.scaling.workers})"
+                f"data.batch_size ({self.data.batch_size}) must be divisible by "
+                f"scaling.workers ({self.scaling.workers})"
             )
         return self
 

@@ -13,7 +13,8 @@ import tempfile
 
 import fsspec
 
-from clipforge.train.storage import is_local, join
+from clipforge.runtime.fs_files import is_local, join
+from clipforge.runtime.run_dir import TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,10 @@ class TensorBoardLog:
     def __init__(self, storage: str, resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
-        self.target = join(storage, "tensorboard")
+        self.target = join(storage, TENSORBOARD_DIR)
         self.local = is_local(storage)
         self._tmp = None if self.local else tempfile.TemporaryDirectory(prefix="clipforge-tb-")
-        logdir = self.target if self.local else self._tmp.name
+        logdir = self.target if self._tmp is None else self._tmp.name
         # purge_step: TensorBoard drops events at or after this step from earlier event files.
         self.writer = SummaryWriter(logdir, purge_step=resume_step + 1 if resume_step is not None else None)
 

@@ -1,9 +1,9 @@
 """`kind: train` on Ray Train: one TorchTrainer fit, our own files in the run directory.
 
-The run directory (`spec.storage`) receives spec.yaml (at start), metrics.jsonl, checkpoints/,
-tensorboard/, workers/ (which process is which rank) and summary.json (at the end). Ray's own
-experiment state goes to STORAGE/ray for local runs and to a temporary folder otherwise; nothing
-there is needed after the run.
+The run directory (`spec.storage`, laid out in clipforge.runtime.run_dir) receives spec.yaml and its index
+run.json (at start), metrics.jsonl, checkpoints/, tensorboard/, workers/ (which process is which rank) and
+summary.json (at the end). Ray's own experiment state goes to STORAGE/ray for local runs and to a temporary
+folder otherwise; nothing there is needed after the run.
 
 When a worker dies, Ray Train restarts the whole worker group (up to `max_failures` times) and the
 loop resumes from the latest checkpoint in STORAGE/checkpoints: our checkpoints, not Ray's.
@@ -18,17 +18,24 @@ import time
 
 from clipforge.errors import UserError
 from clipforge.models.checkpoint_files import resolve_checkpoint
+from clipforge.runtime.fs_files import is_local, join
 from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
 from clipforge.runtime.ray_session import ray_session
 from clipforge.runtime.remote_env import FORWARDED_VARIABLES
-from clipforge.runtime.run_dir import dump_spec
+from clipforge.runtime.run_dir import (
+    RAY_DIR,
+    TRAIN_RUN_ENTRIES,
+    TRAIN_RUN_SIGNATURE,
+    read_summary,
+    write_spec_files,
+    write_summary,
+)
 from clipforge.runtime.storage_errors import storage_errors
 from clipforge.train.loop import train_loop_per_worker
 from clipforge.train.progress import MetricsProgress
 from clipforge.train.run_checkpoints import refuse_existing
 from clipforge.train.shards import expand_sources
 from clipforge.train.spec import TrainSpec
-from clipforge.train.storage import is_local, join, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +83,7 @@ def with_absolute_paths(spec: TrainSpec) -> TrainSpec:
     if data.shards is not None:
         data = data.model_copy(update={"shards": [_absolute(s) for s in data.shards]})
     else:
-        sources = [s.model_copy(update={"shards": [_absolute(p) for p in s.shards]}) for s in data.sources]
+        sources = [s.model_copy(update={"shards": [_absolute(p) for p in s.shards]}) for s in data.source_list()]
         data = data.model_copy(update={"sources": sources})
     tasks = [task.with_absolute_paths() for task in spec.eval_tasks]
     return spec.model_copy(update={"storage": _absolute(spec.storage), "model": model, "data": data,
@@ -91,13 +98,9 @@ def worker_env(spec: TrainSpec) -> dict[str, str]:
     return env
 
 
-# Everything a run writes at the top of its run directory (ray/: Ray Train's own state, local runs only).
-RUN_DIR_ENTRIES = ("checkpoints", "metrics.jsonl", "spec.yaml", "summary.json", "tensorboard", "workers", "ray")
-
-
 def output_owner(spec: TrainSpec) -> OutputOwner:
     """This run as the owner of its run directory."""
-    return OutputOwner("train", spec.name, "storage", own_names=RUN_DIR_ENTRIES, signature=("spec.yaml", "checkpoints"))
+    return OutputOwner("train", spec.name, "storage", own_names=TRAIN_RUN_ENTRIES, signature=TRAIN_RUN_SIGNATURE)
 
 
 def run_train(spec: TrainSpec, progress: bool = True) -> dict:
@@ -117,10 +120,10 @@ def run_train(spec: TrainSpec, progress: bool = True) -> dict:
             resolve_checkpoint(spec.model.checkpoint)
     claim_output_folder(spec.storage, output_owner(spec), overwrite=spec.overwrite)
     refuse_existing(spec)
-    write_text(join(spec.storage, "spec.yaml"), dump_spec(spec))
+    write_spec_files(spec.storage, spec)
     with contextlib.ExitStack() as stack:
         if is_local(spec.storage):
-            ray_storage = join(spec.storage, "ray")
+            ray_storage = join(spec.storage, RAY_DIR)
         else:
             ray_storage = stack.enter_context(tempfile.TemporaryDirectory(prefix="clipforge-ray-"))
         stack.enter_context(ray_session(spec.ray))
@@ -134,17 +137,18 @@ def run_train(spec: TrainSpec, progress: bool = True) -> dict:
                 storage_path=ray_storage,
                 failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
                 worker_runtime_env={"env_vars": worker_env(spec)},
-            ),
+            # At run time ray.train exports Train v2's RunConfig (worker_runtime_env); its annotations name v1's.
+            ),  # type: ignore[call-arg]
         )
         try:
             with MetricsProgress(spec.storage, spec.name) if progress else contextlib.nullcontext():
                 trainer.fit()
-        except Exception as e:  # noqa: BLE001 - re-raised with the worker's own message
+        except Exception as e:  # re-raised with the worker's own message
             cause = _root_cause(e)
             raise TrainingFailed(f"training `{spec.name}` failed: {type(cause).__name__}: {cause}") from e
-    summary = read_json(join(spec.storage, "summary.json"))
+    summary = read_summary(spec.storage)
     summary["wall_seconds"] = time.time() - t0
-    write_json(join(spec.storage, "summary.json"), summary)
+    write_summary(spec.storage, summary)
     log.info("training `%s` done: %d steps, final loss %s, checkpoint %s", spec.name, summary["steps"],
              summary["final_loss"], summary["checkpoint"])
     return summary
