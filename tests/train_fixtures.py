@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import threading
 from pathlib import Path
 
 import webdataset as wds
@@ -99,3 +102,20 @@ def step_lines(lines: list[dict]) -> list[dict]:
     return [m for m in lines if "loss" in m]
 
 
+
+
+def kill_rank_after_step(run: Path, rank: int, after_step: int, killed: dict, stop: threading.Event) -> None:
+    """Once metrics.jsonl of `run` passes `after_step`, SIGKILL the process that STORAGE/workers says is `rank`;
+    `killed` receives its pid and the step last logged. Run it in a thread; it ends when `stop` is set."""
+    from clipforge.train.monitoring import worker_file
+
+    while not stop.wait(0.05):
+        try:
+            steps = [m["step"] for m in step_lines(read_lines((run / "metrics.jsonl").read_text()))]
+            info = json.loads(Path(worker_file(str(run), rank)).read_text())
+        except (OSError, ValueError):
+            continue  # not written yet, or caught mid-write
+        if steps and steps[-1] >= after_step:
+            os.kill(info["pid"], signal.SIGKILL)
+            killed.update(pid=info["pid"], step=steps[-1])
+            return

@@ -11,13 +11,13 @@ import sys
 
 import typer
 
-from clipforge.cli import cluster, dashboard, export, jobs
+from clipforge.cli import cluster, dashboard, export, jobs, local_cluster_commands
 from clipforge.cli.errors import CommandGroup
 from clipforge.runtime.environment import apply_entry_point_defaults
 
 app = typer.Typer(cls=CommandGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="clipforge: image-caption URL lists to trained and evaluated CLIP models.")
-for _module in (jobs, cluster, dashboard, export):
+for _module in (jobs, cluster, dashboard, export, local_cluster_commands):
     _module.register(app)
 
 

@@ -2,11 +2,13 @@
 and render specs as KubeRay RayJob manifests.
 
   clipforge submit SPEC.yaml [field=value ...] --address http://HEAD:8265 [--working-dir DIR] [--no-wait|--follow]
-                                                (a sweep: each child its own job, followed until all have ended)
+                 [--no-forward-credentials]     (a sweep: each child its own job, followed until all have ended)
   clipforge jobs list|status|logs|stop ... --address http://HEAD:8265
   clipforge render kuberay SPEC.yaml [field=value ...] [--image IMAGE]
 
-`--address` defaults to RAY_API_SERVER_ADDRESS, then RAY_ADDRESS.
+`--address` defaults to RAY_API_SERVER_ADDRESS, then RAY_ADDRESS. `submit` hands the job this shell's
+object-store settings (AWS_* variables, or its AWS profile resolved here) in a file of the job's working dir,
+out of every job listing; `--no-forward-credentials` hands none (the cluster has credentials of its own).
 """
 from __future__ import annotations
 
@@ -51,6 +53,27 @@ def _quiet_ray_client() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _object_store_settings(s, forward: bool) -> dict[str, str]:
+    """The object-store settings to hand the job(s), after one note naming them (names only, never values)."""
+    from clipforge.cluster.submit import forwarded_settings
+    from clipforge.runtime.job_credentials import SECRET_VARIABLES, client_settings
+
+    in_spec = sorted(set(SECRET_VARIABLES) & set(s.ray.runtime_env.get("env_vars") or {}))
+    if in_spec:
+        _note(f"warning: field `ray.runtime_env.env_vars` sets {', '.join(in_spec)}: the cluster's job, task and "
+              "actor listings show the values; leave them out, and submit forwards this shell's settings unlisted")
+    if not forward:
+        _note("not forwarding object-store settings (--no-forward-credentials): the job uses the cluster's own")
+        return {}
+    settings = client_settings()
+    # A sweep's children are handed the settings their own specs do not set; the base spec's names are shown.
+    values = forwarded_settings(s, settings.values)
+    if values:
+        source = f" (credentials of {settings.resolved_from}, resolved here)" if settings.resolved_from else ""
+        _note(f"forwarding {', '.join(values)} to the job, out of its listings{source}")
+    return settings.values
+
+
 def _exit_for(status: str) -> None:
     if status != "SUCCEEDED":
         raise typer.Exit(1)
@@ -82,6 +105,10 @@ def submit(
     entrypoint_num_cpus: float = typer.Option(0.0, min=0, help="CPUs reserved for the job's driver process."),
     entrypoint_num_gpus: float = typer.Option(0.0, min=0, help="GPUs reserved for the job's driver process."),
     timeout_s: float = typer.Option(10.0, "--connect-timeout", min=0.1, help="Seconds to wait for the cluster."),
+    forward_credentials: bool = typer.Option(
+        True, "--forward-credentials/--no-forward-credentials",
+        help="Hand the job this shell's object-store settings (AWS_* variables, or the AWS profile resolved here) "
+             "in a file only the job reads; off for clusters with credentials of their own (instance roles, IRSA)."),
 ) -> None:
     """Validate a spec and run it as a job on a Ray cluster (`clipforge run` on the cluster)."""
     from clipforge.cluster.submit import check_runtime_env, follow_logs, submit_spec, wait_for_job
@@ -100,14 +127,16 @@ def submit(
             fail(f"{given[0]} does not apply to a sweep: this command submits its children as they fit "
                  "max_concurrent and follows them (read a child's logs with `clipforge jobs logs ID`)",
                  code=EXIT_INVALID)
+    credentials = _object_store_settings(s, forward_credentials)
     _quiet_ray_client()
     client = _connect(address, timeout_s)
     url = client.get_address()
     if s.kind == "sweep":
-        _submit_sweep(client, s, working_dir, entrypoint_num_cpus, entrypoint_num_gpus)
+        _submit_sweep(client, s, working_dir, entrypoint_num_cpus, entrypoint_num_gpus, credentials)
         return
     job_id = submit_spec(client, s, working_dir=working_dir, submission_id=submission_id,
-                         entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus)
+                         entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
+                         credentials=credentials)
     typer.echo(job_id)
     _note(f"submitted `{s.kind}` job {job_id} to {url}")
     if no_wait:
@@ -129,14 +158,14 @@ def submit(
 
 
 def _submit_sweep(client, s, working_dir: Optional[Path], entrypoint_num_cpus: float,
-                  entrypoint_num_gpus: float) -> None:
+                  entrypoint_num_gpus: float, credentials: dict[str, str]) -> None:
     """Each child of the sweep as its own job, at most `max_concurrent` at once, followed to the end."""
     from clipforge.cluster.sweep_submit import submit_sweep
 
     _note(f"sweep `{s.name}`: submitting its children to {client.get_address()}, at most {s.max_concurrent} at once")
     try:
         summary = submit_sweep(client, s, working_dir=working_dir, entrypoint_num_cpus=entrypoint_num_cpus,
-                               entrypoint_num_gpus=entrypoint_num_gpus, on_status=_note)
+                               entrypoint_num_gpus=entrypoint_num_gpus, on_status=_note, credentials=credentials)
     except KeyboardInterrupt:
         _note("\nstopped watching; submitted children keep running. Submit the same sweep again to follow them "
               "(finished children are skipped)")

@@ -26,12 +26,20 @@ def validate(spec: Path = typer.Argument(..., help="Spec YAML file."),
 
 
 def run(spec: Path = typer.Argument(..., help="Spec YAML file."),
-        overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides, e.g. optim.lr=1e-4.")
+        overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides, e.g. optim.lr=1e-4."),
+        credentials_file: Optional[Path] = typer.Option(
+            None, "--credentials-file", hidden=True,
+            help="The object-store settings `clipforge submit` ships in a submitted job's working dir: set in this "
+                 "process first; the job's worker setup hook sets them in every worker."),
         ) -> None:
     """Run a spec locally (joins RAY_ADDRESS or the spec's `ray.address` if set, else starts a local Ray)."""
     from clipforge.cluster.dispatch import run_job
     from clipforge.cluster.specs import load_spec
 
+    if credentials_file is not None:
+        from clipforge.runtime.job_credentials import apply_credentials_file
+
+        apply_credentials_file(credentials_file)
     s = load_spec(spec, overrides or [])
     result = run_job(s)
     if result is not None:

@@ -4,6 +4,10 @@ following, listing and stopping those jobs.
 A submitted job runs `python -m clipforge run spec.yaml` on the cluster. The validated spec
 is shipped in the job's working_dir: a staging folder holding the spec alone, or, with a
 user working dir, the user's files (linked, not copied) plus `.clipforge-job/spec.yaml`.
+
+The client's object-store settings (AWS_* variables, or its AWS profile resolved into values) travel
+in `.clipforge-job/credentials.json` of the same working_dir, never in the job's runtime_env, which
+Ray's job, actor and task listings show whole: see clipforge/runtime/job_credentials.py.
 """
 from __future__ import annotations
 
@@ -18,20 +22,20 @@ import shlex
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from clipforge import __version__
 from clipforge.cluster.kuberay import cluster_spec_text, dns1123_name
 from clipforge.errors import UserError
+from clipforge.runtime.job_credentials import JOB_DIR, WORKER_SETUP_HOOK, client_settings, write_credentials_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DASHBOARD_PORT = 8265
 ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
-JOB_DIR = ".clipforge-job"
-# Re-include the shipped spec even when the user's ignore files or `excludes` would drop it.
+# Re-include the shipped spec (and credentials file) even when the user's ignore files or `excludes` would drop it.
 _REINCLUDE = [f"!/{JOB_DIR}", f"!/{JOB_DIR}/**"]
 
 
@@ -171,10 +175,29 @@ def _stage_user_dir(user_dir: Path, staging: Path) -> None:
             (staging / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
 
 
+def forwarded_settings(spec, settings: Mapping[str, str]) -> dict[str, str]:
+    """The object-store settings to hand the job: `settings` less those the spec's `ray.runtime_env.env_vars`
+    sets itself (the spec's own values win, as on a local run)."""
+    own = set((spec.ray.runtime_env.get("env_vars") or {}).keys())
+    return {name: value for name, value in settings.items() if name not in own}
+
+
+def _credentials_channel(runtime_env: dict[str, Any], staging: Path, credentials: Mapping[str, str]) -> str:
+    """Ship `credentials` in the staging folder for the job's driver and workers; returns the entrypoint's option."""
+    if runtime_env.get("worker_process_setup_hook"):
+        raise ClusterError(
+            "field `ray.runtime_env.worker_process_setup_hook`: clipforge's own setup hook hands the forwarded "
+            "object-store settings to the job's workers; leave the field out, or pass --no-forward-credentials")
+    runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK
+    return f" --credentials-file {shlex.quote(write_credentials_file(staging, credentials))}"
+
+
 @contextlib.contextmanager
-def staged_job(spec, working_dir: str | Path | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+def staged_job(spec, working_dir: str | Path | None = None,
+               credentials: Mapping[str, str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """(entrypoint, runtime_env) for a spec; the staging folder lives until the job has been submitted
-    (the client uploads it during `submit_job`)."""
+    (the client uploads it during `submit_job`). `credentials`: object-store settings for the job, shipped in a
+    file of the working_dir that only the job reads (none by default)."""
     runtime_env = copy.deepcopy(spec.ray.runtime_env)
     spec_wd = runtime_env.pop("working_dir", None)
     user_dir = working_dir if working_dir is not None else spec_wd
@@ -186,6 +209,8 @@ def staged_job(spec, working_dir: str | Path | None = None) -> Iterator[tuple[st
     env_vars = dict(runtime_env.get("env_vars") or {})
     env_vars.setdefault("PYTHONUNBUFFERED", "1")
     runtime_env["env_vars"] = env_vars
+    if runtime_env.get("excludes"):
+        runtime_env["excludes"] = _with_reinclude(list(runtime_env["excludes"]))
     with tempfile.TemporaryDirectory(prefix="clipforge-submit-") as tmp:
         staging = Path(tmp) / "job"
         staging.mkdir()
@@ -198,11 +223,10 @@ def staged_job(spec, working_dir: str | Path | None = None) -> Iterator[tuple[st
             _stage_user_dir(src.resolve(), staging)
             spec_rel = f"{JOB_DIR}/spec.yaml"
             (staging / JOB_DIR).mkdir()
-            if runtime_env.get("excludes"):
-                runtime_env["excludes"] = _with_reinclude(list(runtime_env["excludes"]))
         (staging / spec_rel).write_text(cluster_spec_text(spec), encoding="utf-8")
+        options = _credentials_channel(runtime_env, staging, credentials) if credentials else ""
         runtime_env["working_dir"] = str(staging)
-        yield f"python -m clipforge run {shlex.quote(spec_rel)}", runtime_env
+        yield f"python -m clipforge run {shlex.quote(spec_rel)}{options}", runtime_env
 
 
 def new_submission_id(spec) -> str:
@@ -217,12 +241,17 @@ def job_metadata(spec) -> dict[str, str]:
 
 
 def submit_spec(client, spec, *, working_dir: str | Path | None = None, submission_id: str | None = None,
-                entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0, agent_wait_s: float = 60.0) -> str:
+                entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0, agent_wait_s: float = 60.0,
+                credentials: Mapping[str, str] | None = None) -> str:
     """Submit a validated spec; returns the submission id. The job's driver reserves `entrypoint_num_*`
-    (0 by default: the driver only coordinates, its workers reserve what the spec's `scaling` says)."""
+    (0 by default: the driver only coordinates, its workers reserve what the spec's `scaling` says).
+    `credentials`: the object-store settings to hand the job (default: this process's, `client_settings()`;
+    `{}` hands none), less those the spec sets itself."""
     check_runtime_env(spec)
     job_id = submission_id or new_submission_id(spec)
-    with staged_job(spec, working_dir) as (entrypoint, runtime_env), cluster_errors(client.get_address()):
+    settings = client_settings().values if credentials is None else credentials
+    staged = staged_job(spec, working_dir, forwarded_settings(spec, settings))
+    with staged as (entrypoint, runtime_env), cluster_errors(client.get_address()):
         deadline = time.monotonic() + agent_wait_s
         while True:
             try:

@@ -85,9 +85,13 @@ class _Follower:
 
 def submit_sweep(client, spec, *, working_dir: str | Path | None = None, entrypoint_num_cpus: float = 0.0,
                  entrypoint_num_gpus: float = 0.0, poll_s: float = 2.0,
-                 on_status: Callable[[str], None] = lambda line: None) -> dict:
+                 on_status: Callable[[str], None] = lambda line: None,
+                 credentials: dict[str, str] | None = None) -> dict:
     """Submit and follow the children of a validated sweep; returns the summary of `sweep_run.outcome`,
-    or raises SweepFailed once every child has ended when any did not finish."""
+    or raises SweepFailed once every child has ended when any did not finish.
+
+    `credentials`: the object-store settings handed to every child (as `submit_spec` takes them: None for this
+    shell's, {} for none)."""
     children = expand_children(spec)
     claim_sweep_folder(spec, children)
     record = SweepRecord(spec, children, mode="submit", address=client.get_address())
@@ -110,7 +114,8 @@ def submit_sweep(client, spec, *, working_dir: str | Path | None = None, entrypo
             child = queue.pop(0)
             try:
                 job_id = submit_spec(client, child.spec, working_dir=working_dir,
-                                     entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus)
+                                     entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
+                                     credentials=credentials)
             except ClusterError as e:
                 record.started(child)
                 record.ended(child, "failed", f"not submitted: {e}")

@@ -8,6 +8,9 @@ A training run's directory (the `storage` of a train spec) holds:
   checkpoints/   one folder per checkpoint (step_NNNNNNNN, epoch_NNNN)
   tensorboard/   TensorBoard event files of the metrics
   workers/       rank_N.json: which process is rank N in the current attempt
+  sample_keys.jsonl
+                 with `debug.log_sample_keys`: the sample keys each rank trained on in each step, every
+                 attempt's (read with `read_sample_keys`)
   summary.json   the run summary (written when the run ends)
   ray/           Ray Train's own state (local runs only)
 An eval job's folder holds one JSON per task, results.json (all of them), results.csv / results.md and
@@ -34,6 +37,7 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 WORKERS_DIR = "workers"
+SAMPLE_KEYS_FILE = "sample_keys.jsonl"
 RAY_DIR = "ray"
 
 RESULTS_FILE = "results.json"
@@ -53,7 +57,7 @@ FINISH_FILES = {"build": BUILD_STATS_FILE, "train": SUMMARY_FILE, "eval": RESULT
 
 # Everything a training run writes at the top of its run directory, and the entries only a training run writes.
 TRAIN_RUN_ENTRIES = (CHECKPOINTS_DIR, METRICS_FILE, SPEC_FILE, INDEX_FILE, SUMMARY_FILE, TENSORBOARD_DIR, WORKERS_DIR,
-                     RAY_DIR)
+                     RAY_DIR, SAMPLE_KEYS_FILE)
 TRAIN_RUN_SIGNATURE = (SPEC_FILE, CHECKPOINTS_DIR)
 
 
@@ -223,6 +227,54 @@ def read_metrics(storage: str) -> list[dict]:
     while the run is live)."""
     with fsspec.open(metrics_path(storage), "r", encoding="utf-8") as f:
         text = f.read()
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+# -- sample_keys.jsonl -----------------------------------------------------------------------------------
+#
+# Written by rank 0 of a run with `debug.log_sample_keys` (clipforge.train.sample_keys), two kinds of lines:
+#   {"attempt": ID, "start_step": S, "restarts": R, "time": T}   an attempt starts (fresh: S = 0; resumed: the
+#                                                                 checkpoint's step)
+#   {"attempt": ID, "step": N, "epoch": E, "rank": K, "keys": [...]}   the `__key__`s rank K trained on in step N
+# Lines are only ever added: an attempt cut off by a failure keeps its lines after its last checkpoint, and the
+# attempt that resumes from step S supersedes every earlier line of a step after S.
+
+
+def sample_keys_path(storage: str) -> str:
+    return join(storage, SAMPLE_KEYS_FILE)
+
+
+def read_sample_key_lines(storage: str) -> list[dict]:
+    """Every record of STORAGE/sample_keys.jsonl in file order, every attempt's, skipping lines that are not JSON
+    objects (a line cut off by a killed writer)."""
+    with fsspec.open(sample_keys_path(storage), "r", encoding="utf-8") as f:
+        return _json_objects(f.read())
+
+
+def read_sample_keys(storage: str) -> dict[int, list[str]]:
+    """{step: the sorted sample keys all ranks trained on in that step}, as the run finally trained: for each step,
+    the lines of the last attempt that ran it (an attempt resumed from step S drops earlier attempts' steps after S).
+    A key that a step used twice appears twice."""
+    by_step: dict[int, dict[int, list[str]]] = {}
+    for record in read_sample_key_lines(storage):
+        if "start_step" in record:
+            start = int(record["start_step"])
+            for step in [s for s in by_step if s > start]:
+                del by_step[step]
+        elif "keys" in record:
+            by_step.setdefault(int(record["step"]), {})[int(record["rank"])] = [str(k) for k in record["keys"]]
+    return {step: sorted(k for keys in ranks.values() for k in keys) for step, ranks in sorted(by_step.items())}
+
+
+def _json_objects(text: str) -> list[dict]:
     records = []
     for line in text.splitlines():
         try:

@@ -130,13 +130,15 @@ def _raw_with_markers(url: str, keys: SampleKeys, stats: ReadStats, mark: bool) 
         yield BrokenShard(url)
 
 
-def _decoded(raw: RawSample | BrokenShard, preprocess: Callable, tokenizer: Callable):
+def _decoded(raw: RawSample | BrokenShard, preprocess: Callable, tokenizer: Callable, with_key: bool = False):
+    """(image, tokens), or (image, tokens, sample key) `with_key`; a `Skipped` marker for what cannot be used."""
     if isinstance(raw, BrokenShard):
         return Skipped(f"{raw.url}: damaged tar, its remaining samples were skipped", shard=True)
     try:
-        return decode_sample(raw, preprocess, tokenizer)
+        sample = decode_sample(raw, preprocess, tokenizer)
     except SampleError as e:
         return Skipped(str(e))
+    return (*sample, raw.key) if with_key else sample
 
 
 def _shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
@@ -188,9 +190,11 @@ class RankSamples(IterableDataset):
         skip: tuple[int, ...] = (),
         rotation: int = 0,
         tag: bool = False,
+        with_keys: bool = False,
     ):
         """`skip[i]`: items of logical loader i already consumed (dropped undecoded); `rotation`: see
-        `_loader_slot`; `tag`: yield (logical loader id, item) pairs, for `StreamPosition`."""
+        `_loader_slot`; `tag`: yield (logical loader id, item) pairs, for `StreamPosition`; `with_keys`: samples
+        are (image, tokens, sample key), for `BatchKeys`."""
         self.plan = plan
         self.keys = keys
         self.preprocess = preprocess
@@ -201,6 +205,7 @@ class RankSamples(IterableDataset):
         self.skip = tuple(skip)
         self.rotation = rotation
         self.tag = tag
+        self.with_keys = with_keys
 
     def _shard_order(self) -> list[str]:
         shards = list(self.plan.shards)
@@ -243,7 +248,7 @@ class RankSamples(IterableDataset):
         for n, raw in enumerate(stream):
             if n < skip:
                 continue  # consumed before the resume: the stream is replayed, but nothing is decoded
-            item = _decoded(raw, self.preprocess, self.tokenizer)
+            item = _decoded(raw, self.preprocess, self.tokenizer, self.with_keys)
             yield (loader_id, item) if self.tag else item
 
 
@@ -281,11 +286,12 @@ class ResampledSamples(IterableDataset):
 
     Every (rank, loader process) draws with its own generator seeded by (seed, epoch, rank, loader,
     `salt`); a resumed run passes the step it resumes at as `salt`, so it draws a fresh, reproducible
-    stream instead of replaying the consumed one.
+    stream instead of replaying the consumed one. `with_keys`: samples are (image, tokens, sample key).
     """
 
     def __init__(self, sources: list[WeightedShards], keys: SampleKeys, preprocess: Callable, tokenizer: Callable,
-                 seed: int, epoch: int, rank: int, shuffle_buffer: int, salt: int = 0, tag: bool = False):
+                 seed: int, epoch: int, rank: int, shuffle_buffer: int, salt: int = 0, tag: bool = False,
+                 with_keys: bool = False):
         self.shards, self.probs = shard_probabilities(sources)
         if not self.shards:
             raise ValueError("resampled data: no source holds any complete sample")
@@ -298,6 +304,7 @@ class ResampledSamples(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.salt = salt
         self.tag = tag
+        self.with_keys = with_keys
 
     def _raw(self, rng: random.Random, mark: bool) -> Iterator[RawSample | BrokenShard]:
         stats = ReadStats()
@@ -310,7 +317,7 @@ class ResampledSamples(IterableDataset):
         rng = epoch_rng(self.seed, self.epoch, self.rank, loader_id, self.salt)
         shuffle_rng = epoch_rng(self.seed, self.epoch, self.rank, loader_id, self.salt, 1)
         for raw in _shuffled(self._raw(rng, mark=True), self.shuffle_buffer, shuffle_rng):
-            item = _decoded(raw, self.preprocess, self.tokenizer)
+            item = _decoded(raw, self.preprocess, self.tokenizer, self.with_keys)
             yield (loader_id, item) if self.tag else item
 
 
@@ -378,17 +385,27 @@ class StreamPosition:
         return {"consumed": list(self.consumed), "next_loader": self.next_loader}
 
 
+@dataclass
+class BatchKeys:
+    """The sample keys (`__key__`) of the batch that `batches` yielded last, in the batch's order."""
+
+    last: list[str] = field(default_factory=list)
+
+
 def batches(
-    items, batch_size: int, skipped: SkipCounter, keep_tail: bool = False, position: StreamPosition | None = None
+    items, batch_size: int, skipped: SkipCounter, keep_tail: bool = False, position: StreamPosition | None = None,
+    keys: BatchKeys | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, tokens) batches from a stream of items; `Skipped` markers are counted.
 
     The last partial batch is dropped unless `keep_tail` (training steps need equal batches on all ranks).
     With `position`, items are (logical loader id, item) pairs and every item taken is counted there:
     when a batch is yielded, `position` holds exactly the items that went into it and the batches before.
+    With `keys`, samples are (image, tokens, sample key) and `keys.last` holds the keys of the batch yielded.
     """
     images: list[torch.Tensor] = []
     tokens: list[torch.Tensor] = []
+    names: list[str] = []
     for item in items:
         if position is not None:
             loader_id, item = item
@@ -398,10 +415,16 @@ def batches(
             continue
         images.append(item[0])
         tokens.append(item[1])
+        if keys is not None:
+            names.append(item[2])
         if len(images) == batch_size:
+            if keys is not None:
+                keys.last = names
             yield torch.stack(images), torch.stack(tokens)
-            images, tokens = [], []
+            images, tokens, names = [], [], []
     if keep_tail and images:
+        if keys is not None:
+            keys.last = names
         yield torch.stack(images), torch.stack(tokens)
 
 

@@ -28,7 +28,9 @@ checkpoints are passed over, newest first, with a warning):
      continue at the saved step of the epoch's fixed order; resampled data draws a new stream seeded
      by the resume step (nothing is replayed). Augmentation draws are reseeded by the resume step.
 The metrics log keeps the lines up to the checkpoint's step and then continues, so no step appears
-twice; every line carries `restarts`, the number of resumes so far.
+twice; every line carries `restarts`, the number of resumes so far. The sample-key log
+(`debug.log_sample_keys`) keeps every attempt's lines instead: readers let the resumed attempt supersede
+the steps after its checkpoint (see clipforge.train.sample_keys).
 Epochs are counted from 1 in metrics; checkpoint epoch_0003 holds the state after 3 epochs and
 step_00000120 the state after step 120 (part-way through an epoch).
 """
@@ -56,6 +58,7 @@ from clipforge.train.eval_hook import PeriodicEval
 from clipforge.train.monitoring import DataWait, line_resources, write_worker_file
 from clipforge.train.optimizer import WarmupCosine
 from clipforge.train.parallelize import unwrap
+from clipforge.train.sample_keys import SampleKeyLog
 from clipforge.train.sources import BatchSource, NotEnoughData, batch_source
 from clipforge.train.spec import TrainSpec
 from clipforge.train.strategy import Strategy, build_strategy
@@ -301,23 +304,28 @@ def train_worker(spec: TrainSpec, ctx: WorkerContext | None = None) -> dict:
                                            opt.strategy.step.scaler)
         if ctx.rank == 0:
             log.info("resumed from %s after epoch %d (step %d)", resume_from, progress.epoch, progress.step)
-    metrics_log, board = None, None
+    metrics_log, board, sample_keys = None, None, None
     if ctx.rank == 0:
         resume_step = progress.step if resume_from else None
         metrics_log = MetricsLog(metrics_path(spec.storage), resume_step)
         board = open_tensorboard(spec.storage, resume_step) if spec.tensorboard else None
+        if spec.debug.log_sample_keys:
+            sample_keys = SampleKeyLog(spec.storage, progress.step, progress.restarts, resumed=bool(resume_from))
     evaluate = None
     if spec.eval_tasks:
         evaluate = PeriodicEval(spec.eval_tasks, bundle.preprocess_val, bundle.tokenizer, ctx.rank, ctx.world_size,
                                 spec.eval_batch_size, ctx.device)
     write_worker_file(spec.storage, ctx.rank, start_step=progress.step,
                       **({"total_steps": total_steps} if ctx.rank == 0 else {}))
-    run = _Run(spec, ctx, progress, opt, source, model, bundle.name, total_steps, metrics_log, board, evaluate)
+    run = _Run(spec, ctx, progress, opt, source, model, bundle.name, total_steps, metrics_log, board, evaluate,
+               sample_keys)
     try:
         run.train(_saved_position(meta, source, ctx))
     finally:
         if board is not None:
             board.close()
+        if sample_keys is not None:
+            sample_keys.flush()  # also when training failed: the keys of the steps before the failure
     return _summary(progress, spec, resume_from, meta)
 
 
@@ -339,10 +347,12 @@ class _Run:
 
     def __init__(self, spec: TrainSpec, ctx: WorkerContext, progress: Progress, opt: Optimisation,
                  source: BatchSource, model: torch.nn.Module, model_name: str, total_steps: int,
-                 metrics_log: MetricsLog | None, board: TensorBoardLog | None, evaluate: PeriodicEval | None):
+                 metrics_log: MetricsLog | None, board: TensorBoardLog | None, evaluate: PeriodicEval | None,
+                 sample_keys: SampleKeyLog | None = None):
         self.spec, self.ctx, self.progress, self.opt, self.source = spec, ctx, progress, opt, source
         self.model, self.model_name, self.total_steps = model, model_name, total_steps
         self.metrics_log, self.board, self.evaluate = metrics_log, board, evaluate
+        self.sample_keys = sample_keys  # rank 0 with debug.log_sample_keys
         self.clock = StepClock(spec.data.batch_size)
         self.wait = DataWait()
         self.last: dict | None = None
@@ -381,6 +391,7 @@ class _Run:
         for inputs in batches:
             lr, scale = _step(self.opt, inputs, self.spec, p, epoch)
             p.train_seconds += time.perf_counter() - step_start
+            self._record_sample_keys(epoch)
             p.samples_seen += batch
             p.samples_this_run += batch
             p.step_in_epoch += 1
@@ -395,6 +406,14 @@ class _Run:
             self._between_steps(epoch_done)
             step_start = time.perf_counter()
         return ran
+
+    def _record_sample_keys(self, epoch: int) -> None:
+        """With debug.log_sample_keys: the keys of the step just taken, from every rank (a collective)."""
+        if not self.spec.debug.log_sample_keys:
+            return
+        keys = all_gather_object(self.source.batch_keys())
+        if self.sample_keys is not None:
+            self.sample_keys.record(self.progress.step, epoch + 1, keys)
 
     def _end_epoch(self, epoch: int) -> None:
         p = self.progress
@@ -454,6 +473,9 @@ class _Run:
         skipped = (all_sum_int(p.skipped.count), all_sum_int(p.skipped.shards))
         if self.ctx.rank == 0:
             assert model_state is not None and optim_state is not None  # rank 0 receives them
+            if self.sample_keys is not None:
+                # Before the checkpoint exists: an attempt resuming from it would not write these steps again.
+                self.sample_keys.flush()
             extra = {
                 "step_in_epoch": p.step_in_epoch,
                 "data_position": {"layout": self.source.layout, "world_size": self.ctx.world_size,

@@ -18,6 +18,7 @@ from clipforge.errors import UserError
 from clipforge.models import ModelBundle, ProjectionHeads
 from clipforge.train.collectives import all_gather_object, all_min_int, broadcast_from_zero
 from clipforge.train.data import (
+    BatchKeys,
     RankPlan,
     RankSamples,
     ResampledSamples,
@@ -44,6 +45,10 @@ class NotEnoughData(UserError, ValueError):
     """Some rank cannot fill a single local batch."""
 
 
+def _no_keys() -> list[str]:
+    return []
+
+
 @dataclass
 class BatchSource:
     """The module to train and, per epoch, at most `steps` batches of its inputs for this rank.
@@ -51,7 +56,8 @@ class BatchSource:
     `epoch_batches(epoch, start_step, saved)` yields the batches of `epoch` from step `start_step` on;
     `saved` is this rank's `position()` from the checkpoint, or None when there is none that fits
     (then a part-way epoch starts from the epoch's first batch). `layout` says which saved positions
-    fit: only those written by a source of the same layout.
+    fit: only those written by a source of the same layout. `batch_keys()` gives the sample keys of the
+    batch that `epoch_batches` yielded last, when the source was built to track them (else []).
     """
 
     module: torch.nn.Module
@@ -59,10 +65,26 @@ class BatchSource:
     epoch_batches: Callable[[int, int, dict | None], Batches]
     position: Callable[[], dict]
     layout: str
+    batch_keys: Callable[[], list[str]] = _no_keys
 
 
 def _no_position() -> dict:
     return {}
+
+
+def _keys_of(current: BatchKeys | None) -> Callable[[], list[str]]:
+    """`BatchSource.batch_keys` of a source whose `batches` record their keys in `current` (None: not tracked)."""
+    if current is None:
+        return _no_keys
+    return lambda: current.last
+
+
+def _feature_batches(stream: Batches, current: BatchKeys | None, row_keys: list[str]) -> Batches:
+    """`stream` as it is, appending each batch's sample keys to `row_keys` (the feature cache's rows, in order)."""
+    for batch in stream:
+        if current is not None:
+            row_keys.extend(current.last)
+        yield batch
 
 
 def count_sources(spec: TrainSpec, keys: SampleKeys, rank: int, world_size: int) -> list[WeightedShards]:
@@ -106,14 +128,18 @@ def _require_steps(steps: int, local_samples: int, spec: TrainSpec, rank: int) -
 
 
 def cached_features_source(spec: TrainSpec, bundle: ModelBundle, plans: list[RankPlan], keys: SampleKeys,
-                           rank: int, device: torch.device, skipped: SkipCounter) -> BatchSource:
+                           rank: int, device: torch.device, skipped: SkipCounter,
+                           track_keys: bool = False) -> BatchSource:
     """Run the frozen towers once over this rank's samples (eval transform), then train the heads on them."""
     t0 = time.perf_counter()
     local_batch = spec.data.batch_size // spec.scaling.workers
-    samples = RankSamples(plans[rank], keys, bundle.preprocess_val, bundle.tokenizer, spec.seed, 0, 0)
+    samples = RankSamples(plans[rank], keys, bundle.preprocess_val, bundle.tokenizer, spec.seed, 0, 0,
+                          with_keys=track_keys)
+    current = BatchKeys() if track_keys else None
     stream = batches(sample_loader(samples, spec.data.loader_workers, local_batch), local_batch, skipped,
-                     keep_tail=True)
-    cache = compute_feature_cache(bundle.model, stream, device)
+                     keep_tail=True, keys=current)
+    row_keys: list[str] = []  # the sample key of each cache row, with track_keys
+    cache = compute_feature_cache(bundle.model, _feature_batches(stream, current, row_keys), device)
     # Decoding failures make ranks' counts differ; all of them stop at the smallest.
     steps = all_min_int(len(cache) // local_batch)
     _require_steps(steps, len(cache), spec, rank)
@@ -126,10 +152,13 @@ def cached_features_source(spec: TrainSpec, bundle: ModelBundle, plans: list[Ran
             epoch_rng(spec.seed, epoch, rank).shuffle(order)
         rows = torch.tensor(order, dtype=torch.long)
         for s in range(start_step, steps):
+            if current is not None:
+                current.last = [row_keys[i] for i in order[s * local_batch : (s + 1) * local_batch]]
             yield cache.batch(rows[s * local_batch : (s + 1) * local_batch], device)
 
     # The cache order is fixed by (seed, epoch, rank): the step alone says where an epoch stood.
-    return BatchSource(ProjectionHeads(bundle.model), steps, epoch_batches, _no_position, "cached")
+    return BatchSource(ProjectionHeads(bundle.model), steps, epoch_batches, _no_position, "cached",
+                       _keys_of(current))
 
 
 def _image_transform(spec: TrainSpec, bundle: ModelBundle):
@@ -140,7 +169,7 @@ def _image_transform(spec: TrainSpec, bundle: ModelBundle):
 
 
 def streamed_source(spec: TrainSpec, bundle: ModelBundle, plans: list[RankPlan], keys: SampleKeys,
-                    rank: int, device: torch.device, skipped: SkipCounter) -> BatchSource:
+                    rank: int, device: torch.device, skipped: SkipCounter, track_keys: bool = False) -> BatchSource:
     """Decode the shards every epoch and run the whole model (augmenting only when the towers train)."""
     local_batch = spec.data.batch_size // spec.scaling.workers
     steps = steps_per_epoch(plans, local_batch)
@@ -148,6 +177,7 @@ def streamed_source(spec: TrainSpec, bundle: ModelBundle, plans: list[RankPlan],
     preprocess = _image_transform(spec, bundle)
     loaders = max(1, spec.data.loader_workers)
     position = StreamPosition()
+    current = BatchKeys() if track_keys else None
 
     def epoch_batches(epoch: int, start_step: int, saved: dict | None) -> Batches:
         consumed = saved.get("consumed") if saved else None
@@ -159,22 +189,23 @@ def streamed_source(spec: TrainSpec, bundle: ModelBundle, plans: list[RankPlan],
         position.start(loaders, consumed, int(saved.get("next_loader", 0)) if saved and consumed else 0)
         samples = RankSamples(plans[rank], keys, preprocess, bundle.tokenizer, spec.seed, epoch,
                               spec.data.shuffle_buffer, skip=tuple(position.consumed),
-                              rotation=position.next_loader, tag=True)
+                              rotation=position.next_loader, tag=True, with_keys=track_keys)
         loader = sample_loader(samples, spec.data.loader_workers, local_batch)
-        for images, tokens in batches(loader, local_batch, skipped, position=position):
+        for images, tokens in batches(loader, local_batch, skipped, position=position, keys=current):
             yield images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
 
-    return BatchSource(bundle.model, steps, epoch_batches, position.state, f"streamed/{loaders}")
+    return BatchSource(bundle.model, steps, epoch_batches, position.state, f"streamed/{loaders}", _keys_of(current))
 
 
 def resampled_source(spec: TrainSpec, bundle: ModelBundle, sources: list[WeightedShards], keys: SampleKeys,
-                     rank: int, device: torch.device, skipped: SkipCounter) -> BatchSource:
+                     rank: int, device: torch.device, skipped: SkipCounter, track_keys: bool = False) -> BatchSource:
     """Shards drawn with replacement by source weight; an epoch is all sources' samples once, nominally."""
     local_batch = spec.data.batch_size // spec.scaling.workers
     total = sum(sum(src.counts) for src in sources)
     steps = total // spec.scaling.workers // local_batch
     _require_steps(steps, total // spec.scaling.workers, spec, rank)
     preprocess = _image_transform(spec, bundle)
+    current = BatchKeys() if track_keys else None
     if rank == 0:
         shares = [round(src.weight / sum(s.weight for s in sources), 4) for src in sources]
         log.info("resampling %d shards of %d sources (sample shares %s); nominal epoch: %d steps",
@@ -183,12 +214,12 @@ def resampled_source(spec: TrainSpec, bundle: ModelBundle, sources: list[Weighte
     def epoch_batches(epoch: int, start_step: int, saved: dict | None) -> Batches:
         # A part-way epoch draws a new stream seeded by its start step: nothing is replayed or re-read.
         samples = ResampledSamples(sources, keys, preprocess, bundle.tokenizer, spec.seed, epoch, rank,
-                                   spec.data.shuffle_buffer, salt=start_step)
+                                   spec.data.shuffle_buffer, salt=start_step, with_keys=track_keys)
         loader = sample_loader(samples, spec.data.loader_workers, local_batch)
-        for images, tokens in batches(loader, local_batch, skipped):
+        for images, tokens in batches(loader, local_batch, skipped, keys=current):
             yield images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
 
-    return BatchSource(bundle.model, steps, epoch_batches, _no_position, "resampled")
+    return BatchSource(bundle.model, steps, epoch_batches, _no_position, "resampled", _keys_of(current))
 
 
 def batch_source(spec: TrainSpec, bundle: ModelBundle, rank: int, world_size: int, device: torch.device,
@@ -196,11 +227,12 @@ def batch_source(spec: TrainSpec, bundle: ModelBundle, rank: int, world_size: in
     keys = SampleKeys.parse(spec.data.image_key, spec.data.text_key)
     sources = count_sources(spec, keys, rank, world_size)
     cached = spec.model.trainable == "heads" and spec.cache_frozen_features
+    track_keys = spec.debug.log_sample_keys
     if spec.data.resampled:
         if cached and rank == 0:
             log.info("resampled data is streamed: cache_frozen_features applies to epoch-wise data only")
-        return resampled_source(spec, bundle, sources, keys, rank, device, skipped)
+        return resampled_source(spec, bundle, sources, keys, rank, device, skipped, track_keys)
     plans = plan_ranks(sources, rank, world_size)
     if cached:
-        return cached_features_source(spec, bundle, plans, keys, rank, device, skipped)
-    return streamed_source(spec, bundle, plans, keys, rank, device, skipped)
+        return cached_features_source(spec, bundle, plans, keys, rank, device, skipped, track_keys)
+    return streamed_source(spec, bundle, plans, keys, rank, device, skipped, track_keys)

@@ -152,6 +152,30 @@ class PrecisionSpec(Spec):
     init_scale: float = Field(2.0 ** 16, gt=0, description="amp_fp16: initial loss scale of the gradient scaler.")
 
 
+class TrainScaling(Scaling):
+    """The training workers, and how long a run waits for Ray to place them."""
+
+    placement_timeout_s: float = Field(
+        600.0, gt=0, le=604_800, description="Seconds the run waits for Ray to place all `workers` (at the start "
+        "and after every restart) before it fails with a message saying what it asked for and what the cluster "
+        "has; while it waits it logs what for and how long. Without a limit Ray Train would wait forever, e.g. "
+        "after a node died and no other node can take its workers. Raise it on clusters that add nodes slowly."
+    )
+
+
+class DebugSpec(Spec):
+    """Diagnostics that cost time or space, off by default."""
+
+    log_sample_keys: bool = Field(
+        False, description="Write the WebDataset keys (`__key__`) of the samples every rank trained on in every "
+        "step to STORAGE/sample_keys.jsonl: one line per step and rank, and one line where an attempt starts. A "
+        "resumed attempt supersedes the lines a cut-off attempt wrote after the checkpoint it resumes from, and "
+        "`clipforge.runtime.run_dir.read_sample_keys` returns {step: keys} as the run finally trained. Costs one "
+        "gather over ranks per step; on object stores the file is rewritten before every checkpoint, at the end "
+        "and at most once a minute in between, local files get every step at once."
+    )
+
+
 class CheckpointSpec(Spec):
     every_epochs: int = Field(1, ge=1, description="Write a checkpoint every N epochs (and at the end).")
     every_steps: int | None = Field(None, ge=1, description="Also write a checkpoint every N optimizer steps.")
@@ -213,7 +237,8 @@ class TrainSpec(Spec):
     )
     max_failures: int = Field(
         0, ge=0, description="Times Ray Train restarts the workers after a worker or node dies; each restart "
-        "resumes from the latest checkpoint."
+        "resumes from the latest checkpoint. A restart whose workers Ray cannot place within "
+        "`scaling.placement_timeout_s`, or one of whose workers dies while the group starts, ends the run."
     )
     eval_every_steps: int | None = Field(
         None, ge=1, description="Run `eval_tasks` every N steps and at the end; results go to metrics.jsonl."
@@ -228,7 +253,8 @@ class TrainSpec(Spec):
     tensorboard: bool = Field(True, description="Also write the metrics as TensorBoard events to STORAGE/tensorboard.")
     log_every_steps: int = Field(10, ge=1, description="Append a metrics line every N steps.")
     seed: int = Field(0, description="Seed for data order and initialisation.")
-    scaling: Scaling = Field(default_factory=Scaling)
+    scaling: TrainScaling = Field(default_factory=TrainScaling)
+    debug: DebugSpec = Field(default_factory=DebugSpec)
     ray: RayInit = Field(default_factory=RayInit)
 
     @field_validator("resume", mode="before")

@@ -6,7 +6,9 @@ summary.json (at the end). Ray's own experiment state goes to STORAGE/ray for lo
 folder otherwise; nothing there is needed after the run.
 
 When a worker dies, Ray Train restarts the whole worker group (up to `max_failures` times) and the
-loop resumes from the latest checkpoint in STORAGE/checkpoints: our checkpoints, not Ray's.
+loop resumes from the latest checkpoint in STORAGE/checkpoints: our checkpoints, not Ray's. A worker
+group that Ray cannot place within `scaling.placement_timeout_s`, at the start or at a restart, ends
+the run (see clipforge.train.placement).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from clipforge.models.checkpoint_files import resolve_checkpoint
 from clipforge.runtime.fs_files import is_local, join
 from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
 from clipforge.runtime.ray_session import ray_session
-from clipforge.runtime.remote_env import FORWARDED_VARIABLES
+from clipforge.runtime.remote_env import forwarded_env
 from clipforge.runtime.run_dir import (
     RAY_DIR,
     TRAIN_RUN_ENTRIES,
@@ -32,6 +34,7 @@ from clipforge.runtime.run_dir import (
 )
 from clipforge.runtime.storage_errors import storage_errors
 from clipforge.train.loop import train_loop_per_worker
+from clipforge.train.placement import PlacementWatch, placement_failure, placement_timeout
 from clipforge.train.progress import MetricsProgress
 from clipforge.train.run_checkpoints import refuse_existing
 from clipforge.train.shards import expand_sources
@@ -44,24 +47,55 @@ class TrainingFailed(UserError, RuntimeError):
     """A training worker raised; the message is the worker's own error (its traceback is in the worker's log)."""
 
 
-def _scaling_config(spec: TrainSpec):
-    from ray.train import ScalingConfig
-
+def worker_resources(spec: TrainSpec) -> dict[str, float]:
+    """What each training worker reserves."""
     s = spec.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources}
     if s.gpus_per_worker > 0:
         resources["GPU"] = s.gpus_per_worker
-    return ScalingConfig(num_workers=s.workers, use_gpu=s.gpus_per_worker > 0, resources_per_worker=resources)
+    return resources
+
+
+def _scaling_config(spec: TrainSpec):
+    from ray.train import ScalingConfig
+
+    s = spec.scaling
+    return ScalingConfig(num_workers=s.workers, use_gpu=s.gpus_per_worker > 0,
+                         resources_per_worker=worker_resources(spec))
+
+
+def _failure_config(spec: TrainSpec):
+    import ray.train
+
+    # No controller failure is retried: Ray Train would otherwise wait for an unplaceable worker group
+    # forever, `scaling.placement_timeout_s` at a time (see clipforge.train.placement).
+    # At run time ray.train exports Train v2's FailureConfig (controller_failure_limit); its annotations name v1's.
+    return ray.train.FailureConfig(max_failures=spec.max_failures,
+                                   controller_failure_limit=0)  # type: ignore[call-arg]
+
+
+def _fit(trainer, spec: TrainSpec, progress: bool) -> None:
+    """`trainer.fit()` with the placement limit handed to Ray Train and the wait for workers logged."""
+    s = spec.scaling
+    with (placement_timeout(s.placement_timeout_s),
+          PlacementWatch(spec.name, s.workers, worker_resources(spec), s.placement_timeout_s),
+          MetricsProgress(spec.storage, spec.name) if progress else contextlib.nullcontext()):
+        trainer.fit()
 
 
 def _root_cause(err: BaseException) -> BaseException:
-    """The worker exception inside Ray's wrappers (TrainingFailedError -> WorkerGroupError -> RayTaskError)."""
+    """The worker exception inside Ray's wrappers (TrainingFailedError -> WorkerGroupError -> RayTaskError), or
+    the controller's (ControllerError -> its failure)."""
     seen = set()
     while id(err) not in seen:
         seen.add(id(err))
         worker_failures = getattr(err, "worker_failures", None)
         if worker_failures:
             err = next(iter(worker_failures.values()))
+            continue
+        controller_failure = getattr(err, "controller_failure", None)
+        if isinstance(controller_failure, BaseException):
+            err = controller_failure
             continue
         cause = getattr(err, "cause", None) or err.__cause__
         if cause is None:
@@ -92,8 +126,8 @@ def with_absolute_paths(spec: TrainSpec) -> TrainSpec:
 
 def worker_env(spec: TrainSpec) -> dict[str, str]:
     """Environment for the training workers: the job's runtime_env variables and the driver's object-store
-    settings (a cluster started earlier does not have them)."""
-    env = {name: os.environ[name] for name in FORWARDED_VARIABLES if os.environ.get(name)}
+    settings (a cluster started earlier does not have them; a submitted job's workers read them themselves)."""
+    env = forwarded_env(output_is_local=False)
     env.update({k: str(v) for k, v in (spec.ray.runtime_env.get("env_vars") or {}).items()})
     return env
 
@@ -135,15 +169,18 @@ def run_train(spec: TrainSpec, progress: bool = True) -> dict:
             run_config=ray.train.RunConfig(
                 name=spec.name,
                 storage_path=ray_storage,
-                failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+                failure_config=_failure_config(spec),
                 worker_runtime_env={"env_vars": worker_env(spec)},
             # At run time ray.train exports Train v2's RunConfig (worker_runtime_env); its annotations name v1's.
             ),  # type: ignore[call-arg]
         )
         try:
-            with MetricsProgress(spec.storage, spec.name) if progress else contextlib.nullcontext():
-                trainer.fit()
+            _fit(trainer, spec, progress)
         except Exception as e:  # re-raised with the worker's own message
+            unplaced = placement_failure(e, spec.name, spec.scaling.workers, worker_resources(spec),
+                                         spec.scaling.placement_timeout_s)
+            if unplaced is not None:
+                raise unplaced from e
             cause = _root_cause(e)
             raise TrainingFailed(f"training `{spec.name}` failed: {type(cause).__name__}: {cause}") from e
     summary = read_summary(spec.storage)
