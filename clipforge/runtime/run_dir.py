@@ -226,16 +226,7 @@ def read_metrics(storage: str) -> list[dict]:
     """Every record of STORAGE/metrics.jsonl, skipping lines that are not JSON objects (a half-written last line
     while the run is live)."""
     with fsspec.open(metrics_path(storage), "r", encoding="utf-8") as f:
-        text = f.read()
-    records = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+        return _json_objects(f.read())
 
 
 # -- sample_keys.jsonl -----------------------------------------------------------------------------------
@@ -275,6 +266,7 @@ def read_sample_keys(storage: str) -> dict[int, list[str]]:
 
 
 def _json_objects(text: str) -> list[dict]:
+    """The lines of a JSON-lines text that are JSON objects (others: half-written or cut-off lines)."""
     records = []
     for line in text.splitlines():
         try:
