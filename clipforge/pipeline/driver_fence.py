@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from clipforge.runtime.local_ray_reaper import parent_and_start
+from clipforge.runtime.proc_table import read_stat
 
 _LIFELINE_TIMEOUT_S = 30.0
 
@@ -34,8 +34,8 @@ def _host_identity() -> str | None:
 
 
 def _start_ticks(pid: int) -> int | None:
-    found = parent_and_start(pid)
-    return None if found is None else found[1]
+    stat = read_stat(pid)
+    return None if stat is None else stat.start_ticks
 
 
 class _DriverLifeline:

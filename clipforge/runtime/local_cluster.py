@@ -36,16 +36,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clipforge.errors import UserError
-from clipforge.runtime.local_cluster_processes import (
-    TOKEN_VAR,
-    NodeMark,
-    NodeTracker,
-    kill_all,
-    read_stat,
-    terminate,
-    wait_gone,
-)
+from clipforge.runtime.local_cluster_processes import TOKEN_VAR, NodeMark, NodeTracker, kill_all, terminate, wait_gone
 from clipforge.runtime.local_ray_reaper import TOKEN_VAR as LOCAL_RAY_TOKEN_VAR
+from clipforge.runtime.proc_table import read_stat
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,11 @@ import signal
 import time
 from dataclasses import dataclass
 
+from clipforge.runtime.proc_table import ProcStat, environment_holds, process_table, read_stat
+
 TOKEN_VAR = "CLIPFORGE_LOCAL_CLUSTER_NODE"
 _KILL_ROUNDS = 40  # kill, look again: a parent being killed may still start a child
 _KILL_PAUSE_S = 0.1
-
-
-@dataclass(frozen=True)
-class ProcStat:
-    """What /proc/PID/stat says of a live process."""
-
-    ppid: int
-    session: int
-    start_ticks: int  # clock ticks after boot: with the pid, names one process for the whole boot
 
 
 @dataclass(frozen=True)
@@ -45,36 +38,12 @@ class NodeMark:
     leader_start: int | None = None
 
 
-def read_stat(pid: int) -> ProcStat | None:
-    """The stat of a live process; None when it is gone or has ended and waits to be reaped (a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold anything
-    if fields[0] in ("Z", "X"):
-        return None
-    return ProcStat(ppid=int(fields[1]), session=int(fields[3]), start_ticks=int(fields[19]))
-
-
 def _self_and_ancestors(table: dict[int, ProcStat]) -> set[int]:
     chain, pid = set(), os.getpid()
     while pid in table and pid not in chain:
         chain.add(pid)
         pid = table[pid].ppid
     return chain | {os.getpid()}
-
-
-def process_table() -> dict[int, ProcStat]:
-    """{pid: stat} of every live process."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = read_stat(int(entry))
-            if stat is not None:
-                table[int(entry)] = stat
-    return table
 
 
 def is_alive(pid: int, start_ticks: int | None = None) -> bool:
@@ -122,7 +91,7 @@ class NodeTracker:
     def _marks(self, pid: int, start: int) -> tuple[bool, bool]:
         key = (pid, start)
         if key not in self._seen:  # environment and options are set at exec: read them once per process
-            carries = self._needle in _read(f"/proc/{pid}/environ").split(b"\0")
+            carries = environment_holds(pid, self._needle)
             temp_dir = self.mark.temp_dir
             names_dir = temp_dir is not None and not carries and _names_dir(pid, temp_dir)
             self._seen[key] = (carries, names_dir)

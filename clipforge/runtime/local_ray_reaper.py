@@ -30,6 +30,8 @@ import time
 import uuid
 from typing import Iterator
 
+from clipforge.runtime.proc_table import ProcStat, environment_holds, process_table
+
 TOKEN_VAR = "CLIPFORGE_LOCAL_RAY_TOKEN"
 _REAP_ROUNDS = 20  # kill, look again: a process may start while its parent is being killed
 _REAP_PAUSE_S = 0.05
@@ -90,38 +92,6 @@ class LocalRayReaper:
         self.close()
 
 
-def _parent_and_start(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks after boot) of live process `pid`; None if gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold anything
-    if fields[0] in ("Z", "X"):  # ended, only not reaped yet by its parent
-        return None
-    return int(fields[1]), int(fields[19])
-
-
-def _process_table() -> dict[int, tuple[int, int]]:
-    """{pid: (parent pid, start time)} of every live process."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            found = _parent_and_start(int(entry))
-            if found is not None:
-                table[int(entry)] = found
-    return table
-
-
-def _carries(pid: int, needle: bytes) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return needle in f.read().split(b"\0")
-    except OSError:  # gone meanwhile, or another user's
-        return False
-
-
 class _Tracker:
     """The processes of one marked Ray: those carrying the token, and every descendant of theirs.
 
@@ -134,30 +104,30 @@ class _Tracker:
         self.seen: dict[tuple[int, int], bool] = {}  # (pid, start) -> carries the token (read once)
         self.tracked: dict[int, int] = {}  # pid -> start
 
-    def scan(self) -> dict[int, tuple[int, int]]:
+    def scan(self) -> dict[int, ProcStat]:
         """Track the marked processes alive now and their descendants; returns the process table read."""
-        table = _process_table()
+        table = process_table()
         me = os.getpid()
         children: dict[int, list[int]] = {}
-        for pid, (parent, _start) in table.items():
-            children.setdefault(parent, []).append(pid)
-        todo = [pid for pid, (_parent, start) in table.items()
-                if pid != me and (self.tracked.get(pid) == start or self._marked(pid, start))]
+        for pid, stat in table.items():
+            children.setdefault(stat.ppid, []).append(pid)
+        todo = [pid for pid, stat in table.items()
+                if pid != me and (self.tracked.get(pid) == stat.start_ticks or self._marked(pid, stat.start_ticks))]
         while todo:
             pid = todo.pop()
             if pid != me:
-                self.tracked[pid] = table[pid][1]
+                self.tracked[pid] = table[pid].start_ticks
                 todo.extend(children.pop(pid, []))
         return table
 
     def _marked(self, pid: int, start: int) -> bool:
         key = (pid, start)
         if key not in self.seen:  # an environment is set once, at exec: read it once per process
-            self.seen[key] = _carries(pid, self.needle)
+            self.seen[key] = environment_holds(pid, self.needle)
         return self.seen[key]
 
-    def alive(self, table: dict[int, tuple[int, int]]) -> list[int]:
-        return [pid for pid, start in self.tracked.items() if table.get(pid, (0, -1))[1] == start]
+    def alive(self, table: dict[int, ProcStat]) -> list[int]:
+        return [pid for pid, start in self.tracked.items() if pid in table and table[pid].start_ticks == start]
 
 
 def end_tracked(tracker: _Tracker) -> None:
@@ -187,11 +157,6 @@ def _watch(token: str) -> None:
         # which keep the token where /proc shows it: scan more rarely (a scan reads every process's stat).
         every = min(2 * every, _LAST_SCAN_EVERY_S)
     end_tracked(tracker)
-
-
-def parent_and_start(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of a process, from /proc; None once it is gone."""
-    return _parent_and_start(pid)
 
 
 if __name__ == "__main__":

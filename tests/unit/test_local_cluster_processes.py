@@ -12,7 +12,8 @@ import uuid
 
 import pytest
 
-from clipforge.runtime.local_cluster_processes import TOKEN_VAR, NodeMark, NodeTracker, is_alive, kill_all, read_stat
+from clipforge.runtime.local_cluster_processes import TOKEN_VAR, NodeMark, NodeTracker, is_alive, kill_all
+from clipforge.runtime.proc_table import read_stat
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
