@@ -1,12 +1,14 @@
 """Data shared by the training tests: small picture shards and eval sets (S3 lives in s3_server.py)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import signal
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import webdataset as wds
 from PIL import Image
@@ -119,3 +121,18 @@ def kill_rank_after_step(run: Path, rank: int, after_step: int, killed: dict, st
             os.kill(info["pid"], signal.SIGKILL)
             killed.update(pid=info["pid"], step=steps[-1])
             return
+
+
+@contextlib.contextmanager
+def killing_rank_after_step(run: Path, rank: int, after_step: int) -> Iterator[dict]:
+    """While the block runs a training into `run`, `kill_rank_after_step` watches it from a thread; yields the
+    dict that receives the killed pid and step (empty if the kill never happened)."""
+    killed: dict = {}
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_rank_after_step, args=(run, rank, after_step, killed, stop), daemon=True)
+    killer.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        killer.join()

@@ -7,9 +7,6 @@ telling which lines came after the resume.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,23 +15,9 @@ import torch
 from clipforge.train.monitoring import worker_file
 from clipforge.train.trainer import run_train
 
-from train_fixtures import read_lines, step_lines, train_spec, write_shards
+from train_fixtures import killing_rank_after_step, read_lines, step_lines, train_spec, write_shards
 
 BUDGET, EVERY, KILL_AFTER = 40, 4, 10
-
-
-def _kill_rank_one_mid_run(run: Path, killed: dict, stop: threading.Event) -> None:
-    """Once the log passes step KILL_AFTER, SIGKILL the process that the run says is rank 1."""
-    while not stop.wait(0.05):
-        try:
-            steps = [m["step"] for m in step_lines(read_lines((run / "metrics.jsonl").read_text()))]
-            info = json.loads(Path(worker_file(str(run), 1)).read_text())
-        except (OSError, ValueError):
-            continue  # not written yet, or caught mid-write
-        if steps and steps[-1] >= KILL_AFTER:
-            os.kill(info["pid"], signal.SIGKILL)
-            killed.update(pid=info["pid"], step=steps[-1])
-            return
 
 
 @pytest.mark.timeout(900)
@@ -44,15 +27,8 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoi
     spec = train_spec(str(tmp_path / "run"), [str(tmp_path / "data")], max_failures=1, tensorboard=True,
                       optim={"steps": BUDGET}, checkpoint={"every_steps": EVERY, "keep_last": BUDGET})
     run = Path(spec.storage)
-    killed: dict = {}
-    stop = threading.Event()
-    killer = threading.Thread(target=_kill_rank_one_mid_run, args=(run, killed, stop), daemon=True)
-    killer.start()
-    try:
+    with killing_rank_after_step(run, rank=1, after_step=KILL_AFTER) as killed:
         summary = run_train(spec, progress=False)
-    finally:
-        stop.set()
-        killer.join()
 
     assert killed and KILL_AFTER <= killed["step"] < BUDGET, killed
     assert summary["steps"] == BUDGET and summary["samples_seen"] == BUDGET * 8 and summary["restarts"] == 1

@@ -9,7 +9,6 @@ killed attempt trained on after the checkpoint is replayed too).
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from clipforge.train.shards import SampleKeys, count_samples
 from clipforge.train.trainer import run_train
 
 from s3_server import new_bucket, s3fs_for, use_s3_from_environment
-from train_fixtures import kill_rank_after_step, train_spec, write_shards
+from train_fixtures import killing_rank_after_step, train_spec, write_shards
 
 KEYS = SampleKeys.parse("png", "txt")
 SIZES = [16, 16]  # one shard per rank: 16 samples, local batches of 4, 4 steps per epoch
@@ -141,15 +140,8 @@ def test_an_uninterrupted_run_trains_on_every_sample_once_per_epoch(uninterrupte
 def test_a_killed_and_resumed_run_trains_on_the_same_keys_in_every_step(uninterrupted, shards, tmp_path):
     spec = _keys_spec(tmp_path / "killed", shards)
     run = Path(spec.storage)
-    killed: dict = {}
-    stop = threading.Event()
-    killer = threading.Thread(target=kill_rank_after_step, args=(run, 1, KILL_AFTER, killed, stop), daemon=True)
-    killer.start()
-    try:
+    with killing_rank_after_step(run, rank=1, after_step=KILL_AFTER) as killed:
         summary = run_train(spec, progress=False)
-    finally:
-        stop.set()
-        killer.join()
 
     assert killed and KILL_AFTER <= killed["step"] < BUDGET, killed
     assert summary["restarts"] == 1 and summary["steps"] == BUDGET
