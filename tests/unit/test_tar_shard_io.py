@@ -1,14 +1,18 @@
 """The shard reader and writer every part of clipforge uses (clipforge.runtime.tar_shard_reader/_writer).
 
-Writing: webdataset's TarWriter, USTAR, read back by webdataset itself. Reading: webdataset's key grouping
-over clipforge's own tar expansion, which finds a shard cut anywhere (webdataset's own expansion does not,
-see the last test), and counts exactly the samples a read yields for every cut of a shard.
+Writing: the bytes of webdataset's TarWriter (USTAR), read back by webdataset itself. Reading: webdataset's
+key grouping over clipforge's own tar expansion, which finds a shard cut anywhere (webdataset's own expansion
+does not, see below), and counts exactly the samples a read yields for every cut of a shard. Neither imports
+webdataset (which imports torch); webdataset is the reference these tests compare with.
 """
 from __future__ import annotations
 
 import gzip
 import io
 import logging
+import random
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -72,12 +76,39 @@ def test_written_shards_are_ustar_in_webdatasets_member_order_and_read_back_by_w
     assert all({k: s[k] for k in ("jpg", "txt", "json")} == _fields(i) for i, s in enumerate(got))
 
 
+def test_written_bytes_equal_webdatasets_tar_writer():
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    reference = wds.TarWriter(theirs, encoder=False, mtime=1_700_000_000)
+    reference.tarstream.format = tarfile.USTAR_FORMAT  # TarWriter does not pass its `format` on (0.2.86 to 0.3.x)
+    with TarShardWriter(ours, mtime=1_700_000_000.5) as tar:
+        for i in range(7):
+            fields = {**_fields(i), "_private": b"not written", "cls": b"%d" % i}
+            tar.write(f"dir/{i:06d}", fields)
+            reference.write({"__key__": f"dir/{i:06d}", **fields})
+    reference.close()
+    assert ours.getvalue() == theirs.getvalue()
+
+
+def test_builder_and_readers_do_not_import_torch(tmp_path):
+    """`import webdataset` imports torch (+480 MiB in the build's driver): the shard code and the builder's
+    modules must get by without either."""
+    code = (f"import sys, clipforge.pipeline.build, clipforge.pipeline.rewrite\n"
+            f"from clipforge.runtime.tar_shard_writer import TarShardWriter\n"
+            f"from clipforge.runtime.tar_shard_reader import iter_shard_samples\n"
+            f"with open({str(tmp_path / 'a.tar')!r}, 'wb') as f, TarShardWriter(f) as tar:\n"
+            f"    tar.write('k', {{'txt': b'x'}})\n"
+            f"assert [s['txt'] for s in iter_shard_samples({str(tmp_path / 'a.tar')!r})] == [b'x']\n"
+            f"print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_the_writer_leaves_the_stream_open_and_refuses_fields_that_are_not_bytes():
     stream = io.BytesIO()
     with TarShardWriter(stream) as tar:
         tar.write("k", {"txt": b"x"})
         with pytest.raises(ValueError, match="txt doesn't map to a bytes"):
-            tar.write("k2", {"txt": "text"})
+            tar.write("k2", {"jpg": b"image", "txt": "text"})
     assert not stream.closed and tar.samples == 1
     assert [s["__key__"] for s in samples_in(io.BytesIO(stream.getvalue()), "mem.tar")] == ["k"]
 
@@ -95,6 +126,29 @@ def test_samples_come_in_tar_order_with_their_fields(tmp_path):
     only = _read(str(shard), fields={"txt"})[0]
     assert [set(s) - {"__key__", "__url__"} for s in only] == [{"txt"}] * 5
     assert [s["txt"] for s in iter_shard_samples(str(shard), with_data=False)] == [b""] * 5
+
+
+def test_grouping_equals_webdatasets_group_by_keys_on_any_member_order():
+    rng = random.Random(3)
+    names = [f"{k}.{f}" for k in ("a", "b", "c", "d/e") for f in ("jpg", "txt", "JSON")] + ["noext", ".hidden.txt"]
+    for _ in range(200):
+        members = [{"fname": rng.choice(names), "data": bytes([rng.randrange(256)]), "__url__": "s.tar"}
+                   for _ in range(rng.randrange(12))]
+        for i in sorted(rng.sample(range(len(members) + 1), k=rng.randrange(2)), reverse=True):
+            members.insert(i, {})  # an end marker, as the expansion gives before damage
+        for go_on in (True, False):
+            ours: list = []
+            theirs: list = []
+            got = list(samples_in_members(members, ours, go_on))
+            expected = list(webdataset.tariterators.group_by_keys(
+                iter(members), keys=split_member_name, handler=lambda e, seen=theirs: seen.append(e) or go_on))
+            assert got == expected and len(ours) == len(theirs), members
+
+
+def samples_in_members(members: list, errors: list, go_on: bool):
+    from clipforge.runtime.tar_shard_reader import _group_by_keys
+
+    return _group_by_keys(iter(members), "s.tar", lambda e: errors.append(e) or go_on)
 
 
 def test_member_names_split_into_key_and_field():
