@@ -264,10 +264,11 @@ def render_kuberay(
     backoff_limit: Optional[int] = typer.Option(None, min=0, help="Retries of a failed job."),
     submission_mode: Optional[str] = typer.Option(None, help="K8sJobMode or HTTPMode."),
 ) -> None:
-    """Print the spec as a KubeRay RayJob manifest (pipe it to `kubectl apply -f -`)."""
+    """Print the spec as a KubeRay RayJob manifest (pipe it to `kubectl apply -f -`); warns on stderr about each
+    local path of the spec, which the cluster's pods cannot see."""
     from pydantic import ValidationError
 
-    from clipforge.cluster.kuberay import KubeRayOptions, manifest_yaml, render_rayjob
+    from clipforge.cluster.kuberay import KubeRayOptions, local_path_warnings, manifest_yaml, render_rayjob
 
     s = _load(spec, overrides or [])
     if s.kind == "sweep":
@@ -283,9 +284,12 @@ def render_kuberay(
         err = e.errors()[0]
         fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", code=EXIT_INVALID)
     try:
-        typer.echo(manifest_yaml(render_rayjob(s, options)), nl=False)
+        manifest = manifest_yaml(render_rayjob(s, options))
     except UserError as e:
         raise SpecError(f"{spec}: {e}") from None
+    for warning in local_path_warnings(s):
+        _note(warning)
+    typer.echo(manifest, nl=False)
 
 
 def register(app: typer.Typer) -> None:

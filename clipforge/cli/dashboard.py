@@ -11,7 +11,8 @@ def register(app: typer.Typer) -> None:
     def dashboard(
         runs: str = typer.Option(..., "--runs", help="Folder of run directories: a local path or an fsspec URL "
                                  "(s3://bucket/runs)."),
-        host: str = typer.Option("127.0.0.1", help="Address to bind; the default serves this machine only."),
+        host: str = typer.Option("127.0.0.1", help="Address to bind; the default serves this machine only. Any "
+                                 "other (0.0.0.0) serves everyone who can reach it: see the warning it prints."),
         port: int = typer.Option(8050, help="TCP port (0 picks a free one)."),
         max_depth: int = typer.Option(4, help="Folder levels below --runs searched for runs."),
         no_compute_estimates: bool = typer.Option(False, "--no-compute-estimates",
@@ -22,7 +23,7 @@ def register(app: typer.Typer) -> None:
         from pydantic import ValidationError
 
         from clipforge.cli.errors import fail
-        from clipforge.dashboard.server import DashboardServer
+        from clipforge.dashboard.server import DashboardServer, exposure_warning
         from clipforge.dashboard.spec import DashboardSpec
         from clipforge.dashboard.tree import PathNotFound
 
@@ -37,6 +38,9 @@ def register(app: typer.Typer) -> None:
             fail(str(e), code=2)
         except OSError as e:
             fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+        warning = exposure_warning(host, server.server_address[1], try_page=spec.enable_try)
+        if warning:
+            typer.echo(warning, err=True)
         typer.echo(f"clipforge dashboard for {server.dashboard.tree.url}: {server.url}/  (Ctrl-C stops)")
         try:
             server.serve_forever()

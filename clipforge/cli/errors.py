@@ -7,6 +7,7 @@ Every `clipforge` command (and sub-command) runs inside `CommandGroup.invoke`, s
     (`clipforge.runtime.storage_errors`);
   - Ctrl-C: exit 130 without a traceback;
   - anything else is a bug: one `error:` line, then the traceback for the report, exit 70.
+Help shows plain words for values (`SPEC`, `PATH`, `TEXT`) instead of typer's type tags: see `plain_help`.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import click
 import typer
 import typer.core
 
+from clipforge.cli.plain_help import plain_commands, plain_params
 from clipforge.errors import EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, UserError
 from clipforge.runtime.storage_errors import storage_problem
 
@@ -28,15 +30,29 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
+# Usage errors of typer's own copy of click (typer._click: a missing argument, a bad option value) derive from
+# typer.TyperException, not from click's ClickException; typer versions without that class use click itself.
+_TYPER_USAGE_ERRORS = getattr(typer, "TyperException", click.ClickException)
+
+
 class CommandGroup(typer.core.TyperGroup):
-    """Click group whose invocation turns every error into a message and an exit code (see module doc)."""
+    """Click group whose invocation turns every error into a message and an exit code (see module doc), and whose
+    commands' help shows plain words."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        plain_commands(self.commands)
+
+    def get_params(self, ctx) -> list:
+        return plain_params(super().get_params(ctx))
 
     # typer ships its own copy of click (typer._click), whose Context its groups are handed; the type checker sees
     # that Context as unrelated to click's. (Errors of that copy are not click's either: see the except below.)
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)  # type: ignore[arg-type]
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, _TYPER_USAGE_ERRORS, typer.Exit,
+                typer.Abort):
             raise  # an exit already decided (here or in a nested group), usage errors (exit 2), aborted prompts
         except UserError as e:
             typer.echo(f"error: {e}", err=True)

@@ -1,7 +1,8 @@
 """Job commands of the `clipforge` command line: check and run specs, print their schema, run the demo.
 
-  clipforge validate SPEC.yaml [field=value ...] check a spec without running it
+  clipforge validate SPEC.yaml [field=value ...] check a spec without running it (--check: its paths too)
   clipforge run SPEC.yaml [field=value ...]     run a build/train/eval/sweep spec on a local (or RAY_ADDRESS) Ray
+                                                (--dry-run: check paths, list outputs and plan, start nothing)
   clipforge schema KIND                         JSON Schema of a spec kind (for editor autocompletion)
   clipforge demo [--tiny]                       the whole loop on real offline data -> runs/demo/report.json
 """
@@ -15,18 +16,34 @@ import typer
 
 from clipforge.errors import SpecError
 
+DRY_RUN_HELP = ("Check the spec's paths without starting Ray or writing anything: inputs exist (local or "
+                "s3://... with this environment's credentials), where outputs go, a sweep's children, a train "
+                "spec's steps and samples. Every problem is one line naming the field and path; exit 1.")
+
+
+def _dry_run(spec: Path, overrides: list[str]) -> None:
+    from clipforge.cluster.dry_run import dry_run
+    from clipforge.cluster.specs import load_spec
+
+    dry_run(load_spec(spec, overrides), str(spec), typer.echo)
+
 
 def validate(spec: Path = typer.Argument(..., help="Spec YAML file."),
-             overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides.")) -> None:
+             overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides."),
+             check: bool = typer.Option(False, "--check", help=DRY_RUN_HELP)) -> None:
     """Check a spec (types, required fields, unknown fields) without running anything."""
     from clipforge.cluster.specs import load_spec
 
+    if check:
+        _dry_run(spec, overrides or [])
+        return
     s = load_spec(spec, overrides or [])
     typer.echo(f"ok: {spec} is a valid `{s.kind}` spec")
 
 
 def run(spec: Path = typer.Argument(..., help="Spec YAML file."),
         overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides, e.g. optim.lr=1e-4."),
+        dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
         credentials_file: Optional[Path] = typer.Option(
             None, "--credentials-file", hidden=True,
             help="The object-store settings `clipforge submit` ships in a submitted job's working dir: set in this "
@@ -40,6 +57,9 @@ def run(spec: Path = typer.Argument(..., help="Spec YAML file."),
         from clipforge.runtime.job_credentials import apply_credentials_file
 
         apply_credentials_file(credentials_file)
+    if dry_run:
+        _dry_run(spec, overrides or [])
+        return
     s = load_spec(spec, overrides or [])
     result = run_job(s)
     if result is not None:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field
 
 from clipforge import __version__
+from clipforge.cluster.spec_paths import is_local, spec_paths
 from clipforge.errors import UserError
 from clipforge.specbase import RayInit, Scaling, Spec
 
@@ -118,6 +119,18 @@ def _check_no_local_uploads(runtime_env: dict) -> None:
                 f"ray.runtime_env.py_modules entry {mod!r} is a local path; a RayJob cannot upload it. "
                 "Use a remote URI or install the module in the image"
             )
+
+
+def local_path_warnings(spec) -> list[str]:
+    """One warning line per local path of a job spec. A RayJob always runs on several pods (a head and at least
+    one worker pod), on the cluster's machines: a path on this machine's disk is not there, and a folder that
+    each pod writes locally ends up split across pods."""
+    replicas = size_workers(spec.scaling).replicas
+    pods = f"{replicas + 1} pods (a head and {replicas} worker pod{'s' if replicas > 1 else ''})"
+    return [f"warning: field `{p.field}`: {p.path} is a local path, but the RayJob runs on {pods} on the cluster's "
+            "machines, which cannot see this machine's files: give an s3:// path or another store every pod can "
+            "reach (or a path that a volume mounted in every pod provides)"
+            for p in spec_paths(spec) if is_local(p.path)]
 
 
 def _literal_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:

@@ -59,6 +59,27 @@ def to_json(obj) -> bytes:
     return text.encode("utf-8")
 
 
+def serves_this_machine_only(host: str) -> bool:
+    """Whether binding `host` keeps the dashboard reachable from this machine only (a loopback address)."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def exposure_warning(host: str, port: int, try_page: bool) -> str | None:
+    """What binding a host that is not loopback exposes, and how to keep the dashboard local (None: loopback).
+
+    The dashboard has no login: whoever reaches the port reads every run under --runs and, with the
+    'try it' page on, uploads images that this machine decodes and runs through the runs' checkpoints.
+    """
+    if serves_this_machine_only(host):
+        return None
+    exposed = "every run's pages, specs and metrics" + (
+        ", and the 'try it' page, which accepts image uploads and runs the checkpoints on them" if try_page else "")
+    return (f"warning: --host {host}: anyone who can reach this machine on port {port} can use the dashboard "
+            f"(it has no login): {exposed}. To keep it local, leave --host at 127.0.0.1 and reach it from "
+            f"elsewhere through an SSH tunnel: ssh -N -L {port}:127.0.0.1:{port} USER@THIS-MACHINE, then open "
+            f"http://127.0.0.1:{port}/")
+
+
 def _host_name(host_header: str) -> str:
     host = host_header.strip().lower()
     if host.startswith("["):
@@ -74,7 +95,7 @@ class DashboardServer(ThreadingHTTPServer):
         self.spec = spec
         self.dashboard = dashboard or Dashboard(spec)
         self.assets = load_assets()
-        self.loopback_only = spec.host in LOOPBACK_HOSTS or spec.host.startswith("127.")
+        self.loopback_only = serves_this_machine_only(spec.host)
         if ":" in spec.host:
             self.address_family = socket.AF_INET6
         super().__init__((spec.host, spec.port), Handler)
