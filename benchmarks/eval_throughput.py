@@ -200,7 +200,8 @@ def demo_eval_timing(work: Path) -> dict | None:
     import yaml
 
     from clipforge.cluster.specs import validate_spec
-    from clipforge.eval.evaluator import STATS_FILE, run_eval
+    from clipforge.eval.evaluator import run_eval
+    from clipforge.runtime.run_dir import read_eval_stats
 
     specs = REPO / "runs" / "demo" / "specs"
     if not (specs / "eval_trained.yaml").exists():
@@ -215,7 +216,7 @@ def demo_eval_timing(work: Path) -> dict | None:
             raw.update(storage=str(work / "demo-eval" / label), cache=str(cache))
             t = time.perf_counter()
             run_eval(validate_spec(raw))
-            stats = json.loads((work / "demo-eval" / label / STATS_FILE).read_text())["models"][0]
+            stats = read_eval_stats(str(work / "demo-eval" / label))[0]
             out[label] = {"seconds": round(time.perf_counter() - t, 2),
                           **{k: stats[k] for k in ("images_embedded", "images_from_cache", "texts_embedded",
                                                    "texts_from_cache")}}

@@ -2,7 +2,9 @@
 
   clipforge validate SPEC.yaml [field=value ...] check a spec without running it (--check: its paths too)
   clipforge run SPEC.yaml [field=value ...]     run a build/train/eval/sweep spec on a local (or RAY_ADDRESS) Ray
-                                                (--dry-run: check paths, list outputs and plan, start nothing)
+                                                (--dry-run: check paths, list outputs and plan, start nothing;
+                                                --resume / --fresh: a train spec that changes a finished or
+                                                cut-off run's spec continues it / trains into a new folder)
   clipforge schema KIND                         JSON Schema of a spec kind (for editor autocompletion)
   clipforge demo [--tiny]                       the whole loop on real offline data -> runs/demo/report.json
 """
@@ -10,15 +12,31 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from clipforge.errors import SpecError
+from clipforge.cli.errors import fail
+from clipforge.errors import EXIT_INVALID, SpecError
+
+if TYPE_CHECKING:  # the train stack is imported only when a train spec runs
+    from clipforge.train.rerun import RerunMode
 
 DRY_RUN_HELP = ("Check the spec's paths without starting Ray or writing anything: inputs exist (local or "
                 "s3://... with this environment's credentials), where outputs go, a sweep's children, a train "
                 "spec's steps and samples. Every problem is one line naming the field and path; exit 1.")
+RESUME_HELP = ("Train spec whose storage holds checkpoints trained under a different spec (another lr, model, "
+               "data, ...): continue them under this spec; the change is recorded in the run's spec_history.jsonl. "
+               "Without it (or --fresh) such a re-run is refused, listing the changed fields.")
+FRESH_HELP = ("Train spec whose storage holds checkpoints: train from scratch into a new folder beside it "
+              "(STORAGE-2, STORAGE-3, ...: the first free one, printed); the old run directory is kept as it is.")
+
+
+def _rerun_mode(resume: bool, fresh: bool) -> RerunMode:
+    if resume and fresh:
+        fail("--resume and --fresh exclude each other: --resume continues the run's checkpoints, --fresh trains "
+             "from scratch into a new folder", code=EXIT_INVALID)
+    return "resume" if resume else "fresh" if fresh else "check"
 
 
 def _dry_run(spec: Path, overrides: list[str]) -> None:
@@ -44,6 +62,8 @@ def validate(spec: Path = typer.Argument(..., help="Spec YAML file."),
 def run(spec: Path = typer.Argument(..., help="Spec YAML file."),
         overrides: Optional[List[str]] = typer.Argument(None, help="field=value overrides, e.g. optim.lr=1e-4."),
         dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
+        resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+        fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
         credentials_file: Optional[Path] = typer.Option(
             None, "--credentials-file", hidden=True,
             help="The object-store settings `clipforge submit` ships in a submitted job's working dir: set in this "
@@ -53,6 +73,7 @@ def run(spec: Path = typer.Argument(..., help="Spec YAML file."),
     from clipforge.cluster.dispatch import run_job
     from clipforge.cluster.specs import load_spec
 
+    rerun = _rerun_mode(resume, fresh)
     if credentials_file is not None:
         from clipforge.runtime.job_credentials import apply_credentials_file
 
@@ -61,7 +82,11 @@ def run(spec: Path = typer.Argument(..., help="Spec YAML file."),
         _dry_run(spec, overrides or [])
         return
     s = load_spec(spec, overrides or [])
-    result = run_job(s)
+    result = run_job(s, rerun)
+    # A train run that already held its whole budget (clipforge.train.rerun.AlreadyTrained): its one line is
+    # logged and nothing else happened. Tested by attribute: importing the train stack here would slow every kind.
+    if getattr(result, "nothing_trained", False):
+        return
     if result is not None:
         typer.echo(json.dumps(result, indent=2, default=str)[:4000])
 

@@ -23,12 +23,12 @@ import fsspec
 from clipforge.cluster.spec_paths import SpecPath, resolved, spec_paths
 from clipforge.cluster.train_plan import plan_train
 from clipforge.errors import StorageError, UserError
-from clipforge.runtime.output_folder import MARKER
+from clipforge.pipeline.layout import SIZES_FILE
+from clipforge.runtime.output_folder import folder_owner
 from clipforge.runtime.storage_errors import storage_errors
 
 # Shards without a sizes.json counted at most (counting reads every member header of a shard).
 MAX_COUNTED_SHARDS = 256
-SIZES_FILE = "sizes.json"
 
 
 class DryRunFailed(UserError):
@@ -123,7 +123,7 @@ def _folder_state(p: SpecPath, spec) -> str:
     entries = fs.ls(root, detail=False)
     if not entries:
         return "exists, empty"
-    owner = _marker(fs, root)
+    owner = folder_owner(p.path, p.storage_options)
     if owner is None:
         held = "1 file or folder" if len(entries) == 1 else f"{len(entries)} files or folders"
         return f"exists, holds {held}: the job writes there only if they are its own earlier output, or with " \
@@ -131,18 +131,6 @@ def _folder_state(p: SpecPath, spec) -> str:
     if owner == (spec.kind, spec.name):
         return f"holds this {spec.kind} job's earlier output: the job continues there"
     return f"holds the output of `{owner[0]}` job `{owner[1]}`: the job writes there only with overwrite: true"
-
-
-def _marker(fs, root: str) -> tuple[str, str] | None:
-    """(kind, name) of the job that claimed the folder, from its marker file (None: no marker)."""
-    if not fs.exists(f"{root}/{MARKER}"):
-        return None
-    try:
-        with fs.open(f"{root}/{MARKER}", "r", encoding="utf-8") as f:
-            mark = json.load(f)
-    except ValueError:
-        return ("?", "?")
-    return (str(mark.get("kind")), str(mark.get("name"))) if isinstance(mark, dict) else ("?", "?")
 
 
 def check_output(checks: _Checks, spec, p: SpecPath) -> None:

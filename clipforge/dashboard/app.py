@@ -11,15 +11,18 @@ import math
 import time
 from typing import TYPE_CHECKING
 
+from clipforge.dashboard.compare_view import compare_payload
 from clipforge.dashboard.details import list_checkpoints, read_metrics, run_dir, run_payload
+from clipforge.dashboard.evals import key_parts
 from clipforge.dashboard.model_cost import ModelCosts
 from clipforge.dashboard.runs import RunIndex
 from clipforge.dashboard.scaling import DEFAULT_BINS_PER_DECADE
 from clipforge.dashboard.scaling_view import scaling_payload
 from clipforge.dashboard.spec import DashboardSpec
+from clipforge.dashboard.sweep_view import sweep_payload
 from clipforge.dashboard.sweeps import swept_fields
 from clipforge.dashboard.tree import PathNotFound, PathRefused, clean_relpath, open_tree
-from clipforge.runtime.run_dir import CHECKPOINTS_DIR
+from clipforge.runtime.run_dir import CHECKPOINTS_DIR, SWEEP_FILE
 
 if TYPE_CHECKING:
     from clipforge.dashboard.tryit import Predictor
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Response = tuple[int, dict]
+MAX_COMPARED = 50  # runs on the compare page at once
 
 
 class BadRequest(ValueError):
@@ -61,6 +65,12 @@ def _float_param(params: dict[str, str], name: str) -> float | None:
 
 def error(status: int, message: str) -> Response:
     return status, {"error": message}
+
+
+def group_list(groups: dict) -> list[dict]:
+    """The folders that hold runs, by id; `sweep` tells a sweep (with sweep.json) from a plain folder."""
+    return [{"id": g.id, "runs": len(g.runs), "sweep": g.sweep is not None, "fields": swept_fields(g.sweep or {})}
+            for g in sorted(groups.values(), key=lambda g: g.id) if g.runs]
 
 
 class Dashboard:
@@ -106,9 +116,9 @@ class Dashboard:
         return 200, {
             "now": time.time(),
             "runs": rows,
-            "groups": [{"id": g.id, "runs": len(g.runs), "fields": swept_fields(g.sweep or {})}
-                       for g in sorted(groups.values(), key=lambda g: g.id) if g.runs],
+            "groups": group_list(groups),
             "metrics": metrics,
+            "metric_parts": {k: key_parts(k) for k in metrics},
             "estimates_pending": self.costs.pending(),
             "estimate_errors": self.costs.errors(),
         }
@@ -124,6 +134,31 @@ class Dashboard:
         return 200, {"id": rel, "records": chunk.records, "offset": chunk.offset, "skipped_lines": chunk.skipped,
                      "reset": reset, "row": row}
 
+    def compare(self, params: dict[str, str]) -> Response:
+        """The final eval metrics of the runs named in `ids` (comma-separated), side by side."""
+        raw = params.get("ids")
+        if not raw:
+            raise BadRequest("parameter 'ids' is required: run ids separated by commas")
+        ids = list(dict.fromkeys(i for i in raw.split(",") if i))
+        if len(ids) > MAX_COMPARED:
+            raise BadRequest(f"parameter 'ids' names {len(ids)} runs; compare at most {MAX_COMPARED}")
+        rows = [self._known_run(i)[1] for i in ids]
+        return 200, compare_payload(rows)
+
+    def sweep(self, params: dict[str, str]) -> Response:
+        """A sweep's children: swept values against final metrics (404 for a folder without sweep.json)."""
+        raw = params.get("id")
+        if raw is None:
+            raise BadRequest("parameter 'id' is required")
+        rel = clean_relpath(raw)
+        self.tree.check_inside(rel)
+        rows, groups = self.index.scan()
+        group = groups.get(rel)
+        if group is None or group.sweep is None:
+            raise PathNotFound(f"{rel or '(root)'} is not a sweep: it holds no {SWEEP_FILE} (written by "
+                               "`clipforge run` of a `kind: sweep` spec)")
+        return 200, sweep_payload(rel, group.sweep, rows)
+
     def scaling(self, params: dict[str, str]) -> Response:
         group = clean_relpath(params.get("group") or "")
         _, groups = self.index.scan()
@@ -135,7 +170,7 @@ class Dashboard:
         if target is not None and not 0 < target < 1:
             raise BadRequest(f"parameter 'target' (an error) must be between 0 and 1, got {target}")
         payload = scaling_payload(rows, group, params.get("metric") or None, bins, target)
-        payload["groups"] = sorted(g.id for g in groups.values() if g.runs)
+        payload["groups"] = group_list(groups)
         return 200, payload
 
     def checkpoints(self, params: dict[str, str]) -> Response:

@@ -5,8 +5,9 @@ import json
 
 import yaml
 
+from clipforge.dashboard.evals import result_table
 from clipforge.dashboard.metrics_log import Chunk, parse_records
-from clipforge.dashboard.runs import RunDir, as_mapping, read_eval_results
+from clipforge.dashboard.runs import RunDir, as_mapping, run_eval_results
 from clipforge.dashboard.tree import Entry, PathNotFound, RunTree, join_rel
 from clipforge.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, SPEC_FILE, SUMMARY_FILE
 
@@ -101,8 +102,11 @@ def list_checkpoints(tree: RunTree, run: RunDir) -> list[dict]:
 
 
 def run_payload(tree: RunTree, run: RunDir, row: dict | None) -> dict:
+    """The run page's data. `eval_table` holds one {model, dataset, task, metric, value, file} per score of the
+    run's eval results (`model`: the model's label); `evals` the results as read."""
     chunk, _ = read_metrics(tree, run, 0)
     spec_text, spec, spec_error = read_spec(tree, run)
+    evals = run_eval_results(tree, run)
     return {
         "id": run.id,
         "row": row,
@@ -113,6 +117,7 @@ def run_payload(tree: RunTree, run: RunDir, row: dict | None) -> dict:
         "records": chunk.records,
         "offset": chunk.offset,
         "skipped_lines": chunk.skipped,
-        "evals": read_eval_results(tree, run),
+        "evals": evals,
+        "eval_table": result_table(evals),
         "checkpoints": list_checkpoints(tree, run),
     }

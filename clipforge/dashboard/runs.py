@@ -1,8 +1,9 @@
 """Finding run directories under the runs folder and summarising each one as a row of the runs table.
 
-A run directory holds metrics.jsonl, summary.json or results.json (an eval job's output), or just
-spec.yaml (a training run that has not logged yet). A directory with sweep.json, or any directory
-holding run directories, is a group (a sweep): its runs show it in the `sweep` column.
+A run directory holds metrics.jsonl, summary.json or results.jsonl (an eval job's output; results.json in
+folders written before), or just spec.yaml (a training run that has not logged yet). Any directory holding run
+directories is a group; only a group with sweep.json (written by the sweep runner) is a sweep, and only a sweep's
+runs show it in the `sweep` column (every run shows its parent folder in `folder`).
 
 The spec columns (kind, name, model, trainable) come from the run's index run.json; runs written before
 it existed have only spec.yaml, whose head is read instead (clipforge.runtime.run_dir: the same fields).
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 from clipforge.dashboard import sweeps
-from clipforge.dashboard.evals import best_of, eval_files, read_results
+from clipforge.dashboard.evals import eval_files, keyed_values, read_results, training_keys
 from clipforge.dashboard.metrics_log import MetricsDigest
 from clipforge.dashboard.model_cost import ModelCosts
 from clipforge.dashboard.spec import DashboardSpec
@@ -36,11 +37,11 @@ from clipforge.dashboard.tree import Entry, PathNotFound, RunTree, join_rel
 from clipforge.runtime.run_dir import (
     CHECKPOINTS_DIR,
     EVAL_DIRS,
+    EVAL_RESULTS_FILES,
     FAILURE_FILES,
     INDEX_FILE,
     METRICS_FILE,
     RAY_DIR,
-    RESULTS_FILE,
     SPEC_FILE,
     SUMMARY_FILE,
     SWEEP_FILE,
@@ -54,7 +55,7 @@ R = TypeVar("R")
 
 _FAILURE_NAMES = frozenset(FAILURE_FILES)
 _EVAL_DIR_NAMES = frozenset(EVAL_DIRS)
-RUN_MARKERS = (METRICS_FILE, SUMMARY_FILE, RESULTS_FILE)
+RUN_MARKERS = (METRICS_FILE, SUMMARY_FILE, *EVAL_RESULTS_FILES)
 # Folders inside runs that never hold other runs, and are often large.
 SKIP_DIRS = {CHECKPOINTS_DIR, RAY_DIR, "__pycache__", "node_modules"}
 
@@ -69,7 +70,7 @@ class RunDir:
 class Group:
     id: str
     runs: list[str] = field(default_factory=list)
-    sweep: dict | None = None  # sweep.json, when there is one
+    sweep: dict | None = None  # sweep.json, when there is one: only then is the group a sweep
     child_values: dict[str, dict] = field(default_factory=dict)  # child folder -> its swept field values
 
 
@@ -333,8 +334,9 @@ class RunIndex:
     def _refresh_evals(self, run: RunDir, c: _Cached) -> None:
         e = run.entries
         files: list[tuple[str, Entry]] = []
-        if RESULTS_FILE in e and not e[RESULTS_FILE].is_dir:
-            files.append((_child(run.id, RESULTS_FILE), e[RESULTS_FILE]))
+        own = _results_file(e)
+        if own is not None:
+            files.append((_child(run.id, own), e[own]))
         if not _EVAL_DIR_NAMES.isdisjoint(e):
             try:
                 files += eval_files(self.tree, run.id, e)
@@ -348,7 +350,7 @@ class RunIndex:
             c.file_evals, c.eval_model = {}, None
             return
         results = read_results(self.tree, [p for p, _ in files])
-        c.file_evals = best_of(results)
+        c.file_evals = keyed_values(results)
         c.eval_model = next((str(r.get("model")) for r in results if r.get("model")), None)
 
     def _row(self, run: RunDir, groups: dict[str, Group], now: float) -> dict:
@@ -360,15 +362,17 @@ class RunIndex:
         model_section = as_mapping(header.get("model"))
         model = model_section.get("name") or c.eval_model
         e = run.entries
-        kind = header.get("kind") or ("eval" if RESULTS_FILE in e else "train" if METRICS_FILE in e else "run")
+        kind = header.get("kind") or ("eval" if _results_file(e) else "train" if METRICS_FILE in e else "run")
         cost = self.costs.get(model) if kind == "train" else None
-        swept = group.child_values.get(run.id.rsplit("/", 1)[-1], {}) if group else {}
-        key = (cost, swept, files)
+        sweep = group if group is not None and group.sweep is not None else None
+        in_sweep = sweep is not None
+        swept = sweep.child_values.get(run.id.rsplit("/", 1)[-1], {}) if sweep is not None else {}
+        key = (cost, swept, in_sweep, files)
         if not c.changed and c.row is not None and c.row_key == key:
             c.row["status"] = self._status(e, c, now)
             return c.row
         row = self._build_row(run, c, now, cost, files)
-        row.update(sweep=parent or None, swept=swept, kind=kind, model=model,
+        row.update(sweep=parent if in_sweep else None, folder=parent or None, swept=swept, kind=kind, model=model,
                    trainable=model_section.get("trainable"))
         c.row, c.row_key = row, key
         return row
@@ -384,9 +388,7 @@ class RunIndex:
         samples_seen = _number(summary.get("samples_seen"))
         if samples_seen is None:
             samples_seen = _number(last.get("samples_seen"))
-        evals = dict(c.file_evals)
-        for k, v in digest.best_evals.items():
-            evals.setdefault(k, v)
+        evals = {**training_keys(digest.best_evals), **c.file_evals}
         return {
             "id": run.id,
             "name": str(header.get("name") or (run.id.rsplit("/", 1)[-1] if run.id else "(root)")),
@@ -414,7 +416,7 @@ class RunIndex:
             marker = max((e[n].mtime for n in FAILURE_FILES if n in e and not e[n].is_dir), default=None)
             if marker is not None and marker >= newest_other:
                 return "failed"
-        if SUMMARY_FILE in e or (RESULTS_FILE in e and METRICS_FILE not in e):
+        if SUMMARY_FILE in e or (_results_file(e) and METRICS_FILE not in e):
             return "finished"
         m = e.get(METRICS_FILE)
         if m is not None and now - m.mtime <= self.spec.running_window_s:
@@ -460,11 +462,21 @@ def _wall_seconds(summary: dict, digest: MetricsDigest, last: dict, entries: dic
     return float(end - start) if start is not None else None
 
 
-def read_eval_results(tree: RunTree, run: RunDir) -> list[dict]:
-    """Every eval result of a run (its results.json and its eval folders)."""
+def _results_file(entries: dict[str, Entry]) -> str | None:
+    """The name of the eval job's all-results file the folder holds (the current name first), if any."""
+    for name in EVAL_RESULTS_FILES:
+        e = entries.get(name)
+        if e is not None and not e.is_dir:
+            return name
+    return None
+
+
+def run_eval_results(tree: RunTree, run: RunDir) -> list[dict]:
+    """Every eval result of a run (its own all-results file and its eval folders)."""
     files = []
-    if RESULTS_FILE in run.entries:
-        files.append(join_rel(run.id, RESULTS_FILE))
+    own = _results_file(run.entries)
+    if own is not None:
+        files.append(join_rel(run.id, own))
     try:
         files += [p for p, _ in eval_files(tree, run.id, run.entries)]
     except (PathNotFound, OSError):
@@ -472,4 +484,4 @@ def read_eval_results(tree: RunTree, run: RunDir) -> list[dict]:
     return read_results(tree, files)
 
 
-__all__ = ["RunIndex", "RunDir", "Group", "discover", "read_eval_results"]
+__all__ = ["RunIndex", "RunDir", "Group", "discover", "run_eval_results"]

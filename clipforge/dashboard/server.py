@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PAGES = {"/": "runs.html", "/run": "run.html", "/compare": "compare.html", "/scaling": "scaling.html",
-         "/try": "try.html"}
+         "/try": "try.html", "/sweep": "sweep.html"}
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
 _ASSET_NAME = re.compile(r"^[a-z0-9_-]+\.(html|js|css|svg|png)$")
@@ -152,7 +152,8 @@ class Handler(BaseHTTPRequestHandler):
         path, params = parts.path, self._params(parts.query)
         app = self.server.dashboard
         api = {"/api/runs": app.runs, "/api/run": app.run, "/api/metrics": app.metrics,
-               "/api/scaling": app.scaling, "/api/checkpoints": app.checkpoints}
+               "/api/scaling": app.scaling, "/api/sweep": app.sweep, "/api/compare": app.compare,
+               "/api/checkpoints": app.checkpoints}
         if path in api:
             try:
                 status, payload = app.handle(api[path], params)

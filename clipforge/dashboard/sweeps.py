@@ -73,3 +73,17 @@ def child_values(sweep: dict) -> dict[str, dict]:
                 values = {f: values[f] for f in fields if f in values}
             out[name] = dict(values)
     return out
+
+
+def child_states(sweep: dict) -> dict[str, dict]:
+    """Child folder name -> {status, error} as sweep.json records them (the sweep runner writes both)."""
+    out: dict[str, dict] = {}
+    for key in _CHILD_LIST_KEYS:
+        children = sweep.get(key)
+        if not isinstance(children, list):
+            continue
+        for item in children:
+            name = _child_name(item)
+            if name is not None and isinstance(item, dict):
+                out[name] = {"status": item.get("status"), "error": item.get("error")}
+    return out

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from clipforge.eval.spec import RETRIEVAL_TASK
 from clipforge.runtime.run_dir import read_metrics
 
 RETRIEVAL_KEYS = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)]
@@ -52,14 +53,14 @@ def make_report(untrained: list[dict], trained: list[dict], train_summary: dict,
                 extra: dict[str, Any]) -> dict[str, Any]:
     def section(results: list[dict], train: dict) -> dict[str, Any]:
         return {
-            "retrieval": _task_metrics(results, "retrieval", RETRIEVAL_KEYS),
+            "retrieval": _task_metrics(results, RETRIEVAL_TASK, RETRIEVAL_KEYS),
             "zeroshot": _task_metrics(results, "zeroshot_classification", ZEROSHOT_KEYS),
             "train": train,
         }
 
     before = section(untrained, {"steps": 0, "samples_per_second": None, "wall_seconds": 0.0})
     after = section(trained, {k: train_summary.get(k) for k in ("steps", "samples_per_second", "wall_seconds")})
-    n_images = _counts(trained, "retrieval").get("n_images") or 0
+    n_images = _counts(trained, RETRIEVAL_TASK).get("n_images") or 0
     n_classes = _counts(trained, "zeroshot_classification").get("n_classes") or 10
     chance_r1 = 1.0 / n_images if n_images else math.nan
     chance_acc1 = 1.0 / n_classes

@@ -71,7 +71,7 @@ def eval_spec(name: str, out: Path, model: str, checkpoint: str | None, label: s
         "model": {"name": model, "checkpoint": checkpoint},
         "model_label": label,
         "tasks": [
-            {"task": "retrieval", "dataset": "tuxpaint_heldout", "shards": [str(heldout_shards)]},
+            {"task": "zeroshot_retrieval", "dataset": "tuxpaint_heldout", "shards": [str(heldout_shards)]},
             {"task": "zeroshot_classification", "dataset": "fashion_mnist", "image_folder": str(fashion_dir),
              "classnames": classnames, "templates": "fashion_mnist"},
         ],

@@ -193,9 +193,6 @@ def embed_images(
             "output": output,
         },
         concurrency=scaling.workers,
-        # One actor per node where the cluster has several: Ray's default packs fractional-CPU actors onto the
-        # first node with room (both 0.5-CPU actors of the demo on one node), which leaves the others idle.
-        scheduling_strategy="SPREAD",
         num_cpus=scaling.cpus_per_worker,
         num_gpus=scaling.gpus_per_worker or None,
         resources=scaling.resources or None,

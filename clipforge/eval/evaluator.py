@@ -1,10 +1,11 @@
 """`kind: eval` job: every model's metrics on every task, written as CLIP_benchmark-style JSON files.
 
 One file per (dataset, model, task), named `{dataset}_{pretrained}_{model}_en_{task}.json` with
-keys dataset / model / pretrained / task / metrics / language, plus `results.json` (all of them),
-the merged table `results.csv` / `results.md`, and `eval_stats.json` (what was embedded and what
-came from the cache, per model). As in CLIP_benchmark, `acc5` is written as NaN (JSON `NaN`) for
-datasets with fewer than 5 classes.
+keys dataset / model / pretrained / task / metrics / language, as CLIP_benchmark names and writes them, so
+`clip_benchmark build FOLDER` reads the folder; clipforge's own files there are not *.json: `results.jsonl`
+(every result, one a line), the merged table `results.csv` / `results.md`, and `eval_stats.jsonl` (what was
+embedded and what came from the cache, one line per model). As in CLIP_benchmark, `acc5` is written as NaN
+(JSON `NaN`) for datasets with fewer than 5 classes.
 
 Images are embedded on Ray Data, once per model for all tasks together, and only where the
 embedding cache (`spec.cache`, plus memory within the job) has no features for the model's image
@@ -31,14 +32,24 @@ from clipforge.eval.fingerprint import describe_transform, digest_array
 from clipforge.eval.loading import ImageSet, LoadedTask, load_task
 from clipforge.eval.metrics import class_prompts, classifier_from_prompts, retrieval_metrics, zeroshot_metrics
 from clipforge.eval.probe import few_shot_probe, linear_probe
-from clipforge.eval.spec import EvalSpec, FewShotTask, LinearProbeTask, RetrievalTask
+from clipforge.eval.spec import RETRIEVAL_ALIASES, RETRIEVAL_TASK, EvalSpec, FewShotTask, LinearProbeTask, RetrievalTask
 from clipforge.eval.tables import to_csv, to_markdown
 from clipforge.eval.tower_view import TowerView, tower_view
 from clipforge.models.checkpoint_files import resolve_checkpoint
 from clipforge.models.spec import ModelSpec
 from clipforge.runtime.output_folder import OutputOwner, claim_output_folder
 from clipforge.runtime.ray_session import ray_session
-from clipforge.runtime.run_dir import EVAL_STATS_FILE, RESULTS_CSV_FILE, RESULTS_FILE, RESULTS_MD_FILE
+from clipforge.runtime.run_dir import (
+    EVAL_STATS_FILE,
+    LEGACY_EVAL_STATS_FILE,
+    LEGACY_RESULTS_FILE,
+    RESULTS_CSV_FILE,
+    RESULTS_FILE,
+    RESULTS_MD_FILE,
+    SPEC_FILE,
+    json_lines,
+    write_spec_yaml,
+)
 from clipforge.runtime.storage_errors import storage_errors
 
 log = logging.getLogger(__name__)
@@ -213,9 +224,24 @@ def _shown(metrics: dict) -> dict:
 
 
 def output_owner(spec: EvalSpec) -> OutputOwner:
-    """This job as the owner of its storage folder: result JSON files, merged tables and stats."""
-    return OutputOwner("eval", spec.name, "storage", own_names=("*.json", RESULTS_CSV_FILE, RESULTS_MD_FILE),
-                       signature=(RESULTS_FILE,))
+    """This job as the owner of its storage folder: result JSON files, merged tables and stats (under their names
+    of today and of before)."""
+    return OutputOwner("eval", spec.name, "storage",
+                       own_names=("*.json", RESULTS_FILE, RESULTS_CSV_FILE, RESULTS_MD_FILE, EVAL_STATS_FILE,
+                                  SPEC_FILE),
+                       signature=(RESULTS_FILE, LEGACY_RESULTS_FILE))
+
+
+def _remove_stale(fs, root: str, results: list[dict]) -> None:
+    """Drop what an earlier version of this job left in its folder under other names (its summaries as *.json,
+    retrieval results under the task's old name): `clip_benchmark build` would read them as results."""
+    stale = [LEGACY_RESULTS_FILE, LEGACY_EVAL_STATS_FILE]
+    stale += [result_filename(r["dataset"], r["pretrained"], r["model"], old)
+              for r in results if r["task"] == RETRIEVAL_TASK for old in RETRIEVAL_ALIASES]
+    for name in stale:
+        path = posixpath.join(root, name)
+        if fs.exists(path):
+            fs.rm(path)
 
 
 def _checkpoint_fields(spec: EvalSpec) -> list[tuple[str, str]]:
@@ -250,6 +276,8 @@ def run_eval(spec: EvalSpec) -> list[dict]:
         with storage_errors(field, checkpoint):
             resolve_checkpoint(checkpoint)
     claim_output_folder(spec.storage, output_owner(spec), overwrite=spec.overwrite)
+    with storage_errors("storage", spec.storage):
+        write_spec_yaml(spec.storage, spec)  # what the dashboard's eval page shows
     with storage_errors("cache", spec.cache or ""):
         store = FeatureStore(spec.cache)
     fs, root = fsspec.core.url_to_fs(spec.storage)
@@ -284,8 +312,10 @@ def run_eval(spec: EvalSpec) -> list[dict]:
                      label, model_spec.name, entry["images_embedded"], entry["images_from_cache"],
                      entry["texts_embedded"], entry["texts_from_cache"], entry["seconds"])
             stats.append(entry)
-    _write_json(fs, posixpath.join(root, RESULTS_FILE), results)
+    _remove_stale(fs, root, results)
     _write_text(fs, posixpath.join(root, RESULTS_CSV_FILE), to_csv(results))
     _write_text(fs, posixpath.join(root, RESULTS_MD_FILE), to_markdown(results))
-    _write_json(fs, posixpath.join(root, STATS_FILE), {"cache": spec.cache, "models": stats})
+    _write_text(fs, posixpath.join(root, STATS_FILE), json_lines([{"cache": spec.cache, **s} for s in stats]))
+    # Last: its presence marks the job finished.
+    _write_text(fs, posixpath.join(root, RESULTS_FILE), json_lines(results))
     return results

@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from clipforge.eval.templates import templates_problem
 from clipforge.models.spec import ModelSpec
+from clipforge.runtime.run_dir import EVAL_TASK_ALIASES, eval_task_name
 from clipforge.specbase import OutputFolder, RayInit, Scaling, Spec, checking_user_spec
 
 
@@ -62,8 +63,17 @@ DEFAULT_IMAGE_COLUMN = "filepath"
 DEFAULT_CAPTION_COLUMN = "title"
 
 
+# CLIP_benchmark's name of the image-text retrieval task: results and result file names carry it.
+RETRIEVAL_TASK = "zeroshot_retrieval"
+# clipforge's earlier names of it (run_dir's table of old task names), still accepted in specs.
+RETRIEVAL_ALIASES = tuple(old for old, new in EVAL_TASK_ALIASES.items() if new == RETRIEVAL_TASK)
+
+
 class RetrievalTask(Spec):
-    task: Literal["retrieval"]
+    # RETRIEVAL_TASK and RETRIEVAL_ALIASES spelled out: a Literal takes values, not names.
+    task: Literal["zeroshot_retrieval", "retrieval"] = Field(
+        ..., description="`zeroshot_retrieval` (CLIP_benchmark's name); `retrieval` is accepted as the same task."
+    )
     dataset: str = Field(..., description="Dataset name used in results.")
     shards: list[str] | None = Field(
         None, min_length=1, description="WebDataset shards (files, folders, globs): an image and a .txt whose "
@@ -83,6 +93,12 @@ class RetrievalTask(Spec):
     recall_k: list[int] = Field(
         default_factory=lambda: [1, 5, 10], min_length=1, description="K values for Recall@K."
     )
+
+    @field_validator("task")
+    @classmethod
+    def _canonical_name(cls, task: str) -> str:
+        # One name in results, file names and dumped specs, whichever name the spec used.
+        return eval_task_name(task)
 
     @field_validator("recall_k")
     @classmethod

@@ -7,6 +7,11 @@ A checkpoint is a directory:
                    and plain Python data only, as all files are read with torch.load(weights_only=True))
     meta.json      written last: its presence marks the checkpoint complete; besides the caller's meta it
                    records `files`: {name: {"sha256": hex digest, "bytes": size}} for every file written
+With the model spec the weights were built from (given, or in meta's `spec.model` as a training run's meta holds
+it), the directory is also an open_clip folder: open_clip_config.json, open_clip_pytorch_model.bin (a hard link to
+model.pt) and, for Hugging Face text towers, the tower's config and tokenizer files, so that
+`open_clip.create_model_and_transforms('local-dir:DIR')` gives the same model and image transform
+(clipforge.models.open_clip_folder). clipforge itself never reads those files and `files` does not list them.
 A run directory keeps its checkpoints in `checkpoints/<name>` (e.g. step_000120, epoch_0003).
 
 Every load reads a file once, checks it against its recorded digest and then deserialises the bytes in
@@ -21,7 +26,7 @@ import hashlib
 import io
 import json
 import re
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import fsspec
 import torch
@@ -29,6 +34,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from clipforge.models.errors import CheckpointError
 from clipforge.runtime.run_dir import CHECKPOINTS_DIR
+
+if TYPE_CHECKING:
+    from clipforge.models.spec import ModelSpec
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -90,10 +98,12 @@ def _save_torch(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> dict[str,
 
 
 def save_checkpoint(directory: str, model_state: dict, meta: dict, optimizer_state: dict | None = None,
-                    extra: dict | None = None) -> str:
+                    extra: dict | None = None, model_spec: ModelSpec | None = None) -> str:
     """Write a checkpoint directory (meta.json last, with the digest of every file written) and return its path.
 
-    A `files` entry in `meta` (e.g. a meta copied from another checkpoint) is replaced by this one's.
+    A `files` entry in `meta` (e.g. a meta copied from another checkpoint) is replaced by this one's. `model_spec`
+    (default: meta's `spec.model`, where meta holds a spec) is the model the weights belong to: the directory is
+    then written as an open_clip folder too.
     """
     try:
         json.dumps(meta)
@@ -110,11 +120,21 @@ def save_checkpoint(directory: str, model_state: dict, meta: dict, optimizer_sta
         files[OPTIMIZER_FILE] = _save_torch(fs, _join(root, OPTIMIZER_FILE), optimizer_state)
     if extra is not None:
         files[EXTRA_FILE] = _save_torch(fs, _join(root, EXTRA_FILE), extra)
+    _write_open_clip_files(fs, root, meta, model_spec)
     tmp = _join(root, META_FILE + ".tmp")
     with fs.open(tmp, "w") as f:
         f.write(json.dumps({**meta, FILES_KEY: files}, indent=2, sort_keys=True))
     fs.mv(tmp, meta_path)
     return _url(fs, root)
+
+
+def _write_open_clip_files(fs: fsspec.AbstractFileSystem, root: str, meta: dict,
+                           model_spec: ModelSpec | None) -> None:
+    from clipforge.models.open_clip_folder import model_spec_of, try_write_open_clip_files
+
+    spec = model_spec or model_spec_of(meta)
+    if spec is not None:
+        try_write_open_clip_files(fs, root, MODEL_FILE, spec)
 
 
 def _natural_key(name: str) -> list:

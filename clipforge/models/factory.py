@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 
 from clipforge.models.errors import CheckpointError, ModelConfigError
-from clipforge.models.registry import CLIPFORGE_SECTION, load_config
+from clipforge.models.registry import CLIPFORGE_SECTION
+from clipforge.models.resolved_config import resolved_config
 from clipforge.models.spec import ModelSpec
 from clipforge.models.towers import OpenClipModel
 
@@ -106,21 +106,6 @@ def _transforms(cfg: dict[str, Any], model: OpenClipModel) -> tuple[Callable, Ca
             image_transform_v2(pcfg, is_train=False))
 
 
-def _bpe_tokenizer(path: str, cfg: dict[str, Any], source: str):
-    """The clipforge BPE tokenizer at `path` (relative paths in a config file are relative to that file)."""
-    from clipforge.models.tokenizer_bpe import BPETokenizer
-
-    if cfg["text_cfg"].get("hf_model_name"):
-        raise ModelConfigError(
-            f"tokenizer {path}: a clipforge BPE tokenizer is for from-scratch text transformers, but this model's "
-            f"text tower is the Hugging Face model {cfg['text_cfg']['hf_model_name']!r}"
-        )
-    candidate = Path(path).expanduser()
-    if not candidate.is_absolute() and not candidate.exists() and Path(source).is_file():
-        candidate = Path(source).parent / candidate
-    return BPETokenizer(candidate, context_length=int(cfg["text_cfg"].get("context_length", 77)))
-
-
 def _tokenizer(cfg: dict[str, Any], name: str, source: str) -> Tokenizer:
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
@@ -157,16 +142,8 @@ def create_model(spec: ModelSpec) -> ModelBundle:
     """
     from clipforge.models.towers import freeze_trunks
 
-    name, cfg, source = load_config(spec.name)
+    name, cfg, source, bpe = resolved_config(spec)
     extra = cfg.get(CLIPFORGE_SECTION, {})
-    bpe = None
-    tokenizer_path = spec.tokenizer or extra.get("tokenizer")
-    if tokenizer_path:
-        bpe = _bpe_tokenizer(tokenizer_path, cfg, source)
-        # The embedding table follows the tokenizer, whatever size the config says.
-        cfg = {**cfg, "text_cfg": {**cfg["text_cfg"], "vocab_size": bpe.vocab_size}}
-    if spec.init_logit_bias is not None:
-        cfg = {**cfg, "init_logit_bias": spec.init_logit_bias}
     # A checkpoint holds every weight, so hub weights would only be overwritten.
     from_hub = bool(extra.get("pretrained_hub")) and spec.pretrained_towers and not spec.checkpoint
     with torch.random.fork_rng(devices=[]):

@@ -19,9 +19,9 @@ from clipforge.models.package_files import resolve_package_ref
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CLIPFORGE_SECTION = "clipforge"
 
-# Keys of the CLIP/CustomTextCLIP constructors a config may set besides the two tower configs.
-_MODEL_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
-               "nonscalar_logit_scale", "custom_text"}
+# Keys of the CLIP/CustomTextCLIP constructors a config may set (the two tower configs among them).
+MODEL_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
+              "nonscalar_logit_scale", "custom_text"}
 _CLIPFORGE_KEYS = {"description", "notes", "pretrained_image", "pretrained_image_format", "pretrained_text",
                    "preprocess", "tokenizer", "pretrained_hub"}
 _PREPROCESS_KEYS = {"mean", "std", "interpolation", "resize_mode", "fill_color", "train_scale"}
@@ -136,7 +136,7 @@ def validate_config(cfg: dict[str, Any], source: str) -> None:
         raise ModelConfigError(f"model config {source}: embed_dim must be a positive integer, got {cfg['embed_dim']!r}")
     if "multimodal_cfg" in cfg:
         raise ModelConfigError(f"model config {source}: multimodal (CoCa) models are not supported, only dual encoders")
-    _check_keys(cfg, _MODEL_KEYS | {CLIPFORGE_SECTION}, f"model config {source}")
+    _check_keys(cfg, MODEL_KEYS | {CLIPFORGE_SECTION}, f"model config {source}")
     for key, dc in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
         if not isinstance(cfg[key], dict):
             raise ModelConfigError(f"model config {source}: {key} must be an object")

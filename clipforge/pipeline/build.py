@@ -2,9 +2,13 @@
 
 The driver streams the input, cuts it into shards of consecutive rows and runs each shard as one
 Ray task (at most 2 x scaling.workers in flight, so a huge input never sits in memory). Shards that
-are already complete (tar + manifest present) are skipped: re-running a finished build does
-nothing and re-running a crashed one finishes the rest. Filters that need every shard (exact and
-near de-duplication, CLIP score) run after all shards are done (see `post_filters.py`).
+are already complete (tar + manifest present) are skipped (`incremental: skip`, the default): re-running
+a finished build does nothing and re-running a crashed one finishes the rest. `incremental: retry_failed`
+also downloads again the rows of complete shards that failed for a reason that may pass, patching only
+those shards (`incremental.py`, `shard_patch.py`); `overwrite` rebuilds every shard. Filters that need
+every shard (exact and near de-duplication, CLIP score) run after all shards are done, over the whole
+output (see `post_filters.py`). Then sizes.json and stats.json are written, and a build in which too few
+rows ended `ok` (`min_success_fraction`) fails with its outputs kept.
 
 Remote outputs: `output.storage_options` travel with each task; AWS_* settings of the driver's
 environment are handed to the tasks as runtime_env variables (see `clipforge.runtime.remote_env`). With
@@ -24,11 +28,13 @@ from typing import TYPE_CHECKING, Any, Iterator, cast
 
 from tqdm import tqdm
 
+from clipforge.pipeline import status as st
 from clipforge.pipeline.build_stats import build_stats, status_counts_by_shard, summary_table
 from clipforge.pipeline.driver_fence import DriverFence, cluster_has_other_hosts, start_lifeline_actor
-from clipforge.pipeline.errors import BuildOutputError
+from clipforge.pipeline.errors import BuildOutputError, TooFewSuccessesError
+from clipforge.pipeline.incremental import rows_to_retry
 from clipforge.pipeline.inputs import UrlList
-from clipforge.pipeline.layout import OutputLayout, key_digits
+from clipforge.pipeline.layout import SIZES_FILE, OutputLayout, key_digits
 from clipforge.pipeline.post_filters import run_post_filters, wanted
 from clipforge.pipeline.sample import SampleSettings
 from clipforge.pipeline.shard_task import ShardJob, ShardProgress, iter_build_shard
@@ -93,6 +99,7 @@ class _Scheduler:
         self.inflight: dict[Any, ShardJob] = {}
         self.reported: dict[int, tuple[int, int]] = {}
         self.written: set[int] = set()
+        self.summaries: dict[int, dict[str, Any]] = {}
 
     def submit(self, job: ShardJob, *args) -> None:
         while len(self.inflight) >= self.limit:
@@ -138,6 +145,7 @@ class _Scheduler:
                 self.progress.add(event.rows, event.ok)
             else:
                 self.written.add(job.shard)
+                self.summaries[job.shard] = event
                 counts = event["status_counts"]
                 self.progress.add(event["rows"] - rows, counts.get("ok", 0) - ok)
 
@@ -155,21 +163,31 @@ def _task_options(spec: BuildSpec, env: dict[str, str]) -> dict[str, Any]:
 
 
 # What a build writes at the top of its output folder (hidden names: temporary files of unfinished writes).
-OUTPUT_ENTRIES = ("[0-9]*.tar", "[0-9]*.parquet", "[0-9]*_stats.json", "manifest", BUILD_STATS_FILE, ".*.tmp-*")
+OUTPUT_ENTRIES = ("[0-9]*.tar", "[0-9]*.parquet", "[0-9]*_stats.json", "manifest", SIZES_FILE, BUILD_STATS_FILE,
+                  ".*.tmp-*")
+# Failure reasons named in the message of a build with too few successes (the manifest command lists them all).
+_REASONS_SHOWN = 3
 
 
 def _open_output(spec: BuildSpec) -> tuple[OutputLayout, set[int]]:
-    """The output layout and the shards already complete there (none unless the folder holds this build's own
-    earlier output: a folder taken with `overwrite` is built afresh)."""
+    """The output layout and the complete shards this run keeps (none unless the folder holds this build's own
+    earlier output: a folder taken with `output.overwrite` is built afresh; none with `incremental: overwrite`)."""
     owner = OutputOwner("build", spec.name, "output.path", own_names=OUTPUT_ENTRIES, signature=("manifest",))
     resumed = claim_output_folder(spec.output.path, owner, spec.output.overwrite, spec.output.storage_options)
     try:
         layout = OutputLayout(spec.output.path, spec.output.storage_options)
         with storage_errors("output.path", spec.output.path):
             layout.make_dirs()
-            return layout, layout.completed_shards() if resumed else set()
+            keep = resumed and spec.incremental != "overwrite"
+            return layout, layout.completed_shards() if keep else set()
     except (TypeError, ValueError, ImportError) as e:
         raise BuildOutputError(f"output.path `{spec.output.path}`: cannot create or list it: {e}") from None
+
+
+def _patch_job(job: ShardJob, rows: set[int]) -> ShardJob:
+    """The part of a complete shard's job that is downloaded again: `rows`, at their places in the shard."""
+    picked = [(pos, row) for pos, row in job.indexed_rows() if row.row in rows]
+    return ShardJob(job.shard, [row for _, row in picked], positions=[pos for pos, _ in picked])
 
 
 @contextlib.contextmanager
@@ -185,9 +203,10 @@ def _driver_fence() -> Iterator[DriverFence]:
             ray.kill(lifeline)  # the build is over: a task still running must not commit any more
 
 
-def _run_shards(spec: BuildSpec, urls: UrlList, layout: OutputLayout, done: set[int], settings: SampleSettings,
-                env: dict[str, str], bar: _Progress) -> tuple[list[int], set[int]]:
-    """Run every shard not done yet as a Ray task (Ray must be up); returns all shards and those written now."""
+def _run_shards(spec: BuildSpec, urls: UrlList, layout: OutputLayout, done: set[int], redo: dict[int, set[int]],
+                settings: SampleSettings, env: dict[str, str], bar: _Progress) -> tuple[list[int], _Scheduler]:
+    """Run every shard not done yet, and the rows `redo` ({shard: rows}) of done ones, as Ray tasks (Ray must be
+    up); returns all shards and the scheduler (which shards it wrote, their summaries)."""
     import ray
 
     limiter = limiter_actor = None
@@ -206,8 +225,12 @@ def _run_shards(spec: BuildSpec, urls: UrlList, layout: OutputLayout, done: set[
                 for job in urls.iter_shards(spec.output.samples_per_shard):
                     shards.append(job.shard)
                     if job.shard in done:
-                        bar.skip(len(job.rows))
-                        continue
+                        if not redo.get(job.shard):
+                            bar.skip(len(job.rows))
+                            continue
+                        patch = _patch_job(job, redo[job.shard])
+                        bar.skip(len(job.rows) - len(patch.rows))
+                        job = patch
                     sched.submit(job, *args)
                 sched.drain()
             except BaseException:
@@ -216,7 +239,34 @@ def _run_shards(spec: BuildSpec, urls: UrlList, layout: OutputLayout, done: set[
     finally:
         if limiter_actor is not None:
             ray.kill(limiter_actor)
-    return shards, sched.written
+    return shards, sched
+
+
+def _retried(redo: dict[int, set[int]], sched: _Scheduler) -> dict[str, int]:
+    """stats.json's account of the rows downloaded again this run (`incremental: retry_failed`)."""
+    patched = [sched.summaries[s] for s in redo if s in sched.summaries]
+    return {"shards": len(patched), "rows": sum(p["rows"] for p in patched),
+            "ok": sum(p["status_counts"].get("ok", 0) for p in patched)}
+
+
+def _require_successes(spec: BuildSpec, stats: dict[str, Any]) -> None:
+    """Raise TooFewSuccessesError when fewer rows ended `ok` than `min_success_fraction` asks (unset: when none did)."""
+    total, ok = stats["total"], stats["ok"]
+    fraction = ok / total if total else 0.0
+    wanted = spec.min_success_fraction
+    if wanted == 0 or (ok > 0 and fraction >= (wanted or 0.0)):
+        return
+    rule = ("min_success_fraction is not set, so at least one row must succeed" if wanted is None
+            else f"below min_success_fraction {wanted}")
+    failures = [(code, n) for code, n in stats["status_counts"].items() if code != "ok"]
+    shown = ", ".join(f"{code} {n}" for code, n in failures[:_REASONS_SHOWN])
+    hidden = len(failures) - _REASONS_SHOWN
+    more = f" and {hidden} more reason{'s' if hidden > 1 else ''}" if hidden > 0 else ""
+    out = spec.output.path.rstrip("/")
+    raise TooFewSuccessesError(
+        f"build `{spec.name}`: ok fraction {fraction:.4f} ({ok} of {total} rows) - {rule}; "
+        f"failed rows: {shown or 'none'}{more}; every output is kept, manifest in {out}/manifest/: list the failed "
+        f"rows with `clipforge manifest failures {out}`")
 
 
 def run_build(spec: BuildSpec, progress: bool = True) -> dict:
@@ -227,22 +277,27 @@ def run_build(spec: BuildSpec, progress: bool = True) -> dict:
     layout, done = _open_output(spec)
     with storage_errors("output.path", spec.output.path):
         layout.remove_all_stale_temps()  # left by an earlier run killed in any phase; this one wrote nothing yet
+        redo = rows_to_retry(layout, done, spec.filters) if spec.incremental == "retry_failed" else {}
     env = forwarded_env(layout.is_local)
     settings = SampleSettings(spec.download, spec.resize, spec.filters, spec.output)
     bar = _Progress(urls.count_rows(), spec.name, progress)
     try:
         with ray_session(spec.ray):
-            shards, written = _run_shards(spec, urls, layout, done, settings, env, bar)
+            shards, sched = _run_shards(spec, urls, layout, done, redo, settings, env, bar)
             if wanted(spec.filters):
                 bar.filtering()
             filtered = run_post_filters(layout, shards, spec.filters, spec.output.image_format, env)
         counts = status_counts_by_shard(layout, shards)
         extra = {"name": spec.name, "output": spec.output.path, **filtered,
-                 "malformed_input_lines": urls.malformed_lines}
-        stats = build_stats(counts, written, time.time() - t0, extra)
-        layout.write_json(layout.stats, stats)
+                 "malformed_input_lines": urls.malformed_lines, "incremental": spec.incremental,
+                 "retried": _retried(redo, sched) if spec.incremental == "retry_failed" else None}
+        stats = build_stats(counts, sched.written, time.time() - t0, extra)
+        # The manifests' `ok` rows are exactly the samples in the tars (every writer keeps them in step).
+        layout.write_sizes({shard: c[st.OK] for shard, c in counts.items()})
+        layout.write_json(layout.stats, stats)  # last: its presence says the build finished
         bar.finish(stats)
     finally:
         bar.close()
     log.info("build %s -> %s\n%s", spec.name, spec.output.path, summary_table(stats))
+    _require_successes(spec, stats)
     return stats

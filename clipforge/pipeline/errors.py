@@ -10,3 +10,8 @@ class BuildInputError(UserError, ValueError):
 
 class BuildOutputError(UserError, RuntimeError):
     """A shard could not be written or processed; the message names the shard and the cause."""
+
+
+class TooFewSuccessesError(UserError, RuntimeError):
+    """A finished build in which fewer rows ended `ok` than `min_success_fraction` asks for (by default: none did).
+    Every output is kept; the message names the fraction, the most common failures and how to list them."""

@@ -5,7 +5,7 @@
 Flickr30k and COCO come as an image folder plus Karpathy's `dataset_*.json` (images with `filename`, `split`
 and `sentences[].raw`), not as URL lists, so they skip the downloader. The train split gets one sample per
 (image, caption) pair, as CLIP fine-tuning on these sets usually does; val and test get one sample per image
-whose .txt holds all of its captions, one per line, which is what `task: retrieval` reads (an image→text hit is
+whose .txt holds all of its captions, one per line, which is what `task: zeroshot_retrieval` reads (an image→text hit is
 any of the image's captions in the top K). Image bytes are copied unchanged; training and evaluation resize.
 Shards are written with clipforge.runtime.tar_shard_writer, each under a temporary name until it is complete.
 """

@@ -1,7 +1,9 @@
 """Where a build's files live and how they are committed.
 
 Layout under the output path (img2dataset's webdataset layout plus a manifest):
-  00000.tar  00000.parquet  00000_stats.json  ...  manifest/00000.parquet  stats.json
+  00000.tar  00000.parquet  00000_stats.json  ...  manifest/00000.parquet  sizes.json  stats.json
+sizes.json maps each tar's name to its number of samples (`{"00000.tar": 998, ...}`), the WebDataset
+convention that open_clip's trainer reads to know a dataset's size without `--train-num-samples`.
 No partial file is ever visible under its final name. On local (and other move-capable) filesystems
 each file is written under a hidden temporary name in its final folder and moved into place when
 complete. On S3 an object only appears once its upload completes, so files are written to their final
@@ -27,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from clipforge.runtime.run_dir import BUILD_STATS_FILE
 
 SHARD_DIGITS = 5
+SIZES_FILE = "sizes.json"
 _SHARD_FILE = re.compile(r"^(\d+)\.(tar|parquet)$")
 # Object stores where a write is invisible until the upload completes, and a rename is a full copy.
 _UPLOAD_ATOMIC_PROTOCOLS = frozenset({"s3", "s3a"})
@@ -83,6 +86,21 @@ class OutputLayout:
     @property
     def stats(self) -> str:
         return f"{self.root}/{BUILD_STATS_FILE}"
+
+    @property
+    def sizes(self) -> str:
+        return f"{self.root}/{SIZES_FILE}"
+
+    def write_sizes(self, samples: dict[int, int]) -> None:
+        """sizes.json from {shard: samples in its tar}; left untouched when it already says exactly that, so a
+        re-run that changed nothing changes no file but stats.json."""
+        wanted = {f"{shard_name(shard)}.tar": n for shard, n in sorted(samples.items())}
+        try:
+            if self.read_json(self.sizes) == wanted:
+                return
+        except (FileNotFoundError, ValueError):
+            pass  # missing or unreadable: written below
+        self.write_json(self.sizes, wanted)
 
     def make_dirs(self) -> None:
         self.fs.makedirs(self.manifest_dir, exist_ok=True)
@@ -147,13 +165,13 @@ class OutputLayout:
 
     def remove_all_stale_temps(self) -> None:
         """Every temporary file (or unfinished upload) an earlier run of this build left, whatever it was
-        doing when it died: downloading or committing any shard, rewriting shards after the filters, or
-        writing stats.json. Call it before this run writes anything."""
+        doing when it died: downloading, committing or patching any shard, rewriting shards after the filters, or
+        writing sizes.json or stats.json. Call it before this run writes anything."""
         if self.upload_atomic:
             self._abort_stale_uploads(f"{self.root}/", prefix_only=True)
             return
-        for pattern in (f"{self.root}/.[0-9]*.tmp-*", f"{self.root}/.stats.json.tmp-*",
-                        f"{self.manifest_dir}/.[0-9]*.tmp-*"):
+        for pattern in (f"{self.root}/.[0-9]*.tmp-*", f"{self.root}/.{BUILD_STATS_FILE}.tmp-*",
+                        f"{self.root}/.{SIZES_FILE}.tmp-*", f"{self.manifest_dir}/.[0-9]*.tmp-*"):
             try:
                 stale = self.fs.glob(pattern)
             except FileNotFoundError:

@@ -28,15 +28,24 @@ def conform_manifest(table: pa.Table) -> pa.Table:
     return table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
 
 
-def _rewrite_tar(layout: OutputLayout, shard: int, drop_keys: set[str]) -> None:
+def copy_samples(layout: OutputLayout, shard: int, tar: TarShardWriter, drop_keys: set[str]) -> int:
+    """Write the samples of the shard's committed tar, except those keyed `drop_keys`, into `tar`; returns how many."""
     final = layout.tar(shard)
-    out = layout.open_atomic(final)
+    copied = 0
+    with layout.fs.open(final, "rb") as src:
+        for sample in samples_in(src, final):
+            key = sample["__key__"]
+            if key.rsplit("/", 1)[-1] not in drop_keys:
+                tar.write(key, {field: data for field, data in sample.items() if not field.startswith("__")})
+                copied += 1
+    return copied
+
+
+def _rewrite_tar(layout: OutputLayout, shard: int, drop_keys: set[str]) -> None:
+    out = layout.open_atomic(layout.tar(shard))
     try:
-        with layout.fs.open(final, "rb") as src, TarShardWriter(out) as tar:
-            for sample in samples_in(src, final):
-                key = sample["__key__"]
-                if key.rsplit("/", 1)[-1] not in drop_keys:
-                    tar.write(key, {field: data for field, data in sample.items() if not field.startswith("__")})
+        with TarShardWriter(out) as tar:
+            copy_samples(layout, shard, tar, drop_keys)
         out.commit()
     except BaseException:
         out.discard()

@@ -23,6 +23,7 @@ from clipforge.pipeline.fetch import Fetcher, FetchFailed
 from clipforge.pipeline.layout import OutputLayout
 from clipforge.pipeline.ratelimit import Limiter
 from clipforge.pipeline.sample import InputRow, RowOutcome, SampleSettings, process_row
+from clipforge.pipeline.shard_patch import ShardPatch
 from clipforge.pipeline.shard_writer import ShardWriter
 
 PROGRESS_EVERY_S = 1.0
@@ -33,6 +34,22 @@ FETCH_THREAD_PREFIX = "shard-fetch"
 class ShardJob:
     shard: int
     rows: list[InputRow]
+    # Set when only some rows of an already committed shard are downloaded again (`incremental: retry_failed`):
+    # the position of each of `rows` in its shard, which its sample key is built from. None: `rows` is the shard.
+    positions: list[int] | None = None
+
+    def indexed_rows(self) -> list[tuple[int, InputRow]]:
+        """(position in the shard, row) for every row of the job."""
+        if self.positions is None:
+            return list(enumerate(self.rows))
+        return list(zip(self.positions, self.rows))
+
+    def writer(self, layout: OutputLayout, image_format: str, digits: int, extra_cols: list[str]) -> ShardWriter:
+        """A writer of a new shard, or for a patch one that keeps the shard's other rows."""
+        if self.positions is None:
+            return ShardWriter(layout, self.shard, image_format, digits, extra_cols)
+        redo = {row.row: pos for pos, row in self.indexed_rows()}
+        return ShardPatch(layout, self.shard, image_format, digits, extra_cols, redo)
 
 
 @dataclass
@@ -111,14 +128,15 @@ def iter_build_shard(job: ShardJob, settings: SampleSettings, output_path: str, 
                      extra_cols: list[str], storage_options: dict[str, Any] | None = None,
                      limiter: Limiter | None = None,
                      fence: DriverFence | None = None) -> Iterator[ShardProgress | dict[str, Any]]:
-    """Process every row and commit the shard; yields ShardProgress events, then the summary dict.
+    """Process every row and commit the shard (or, for a patch job, rewrite it with the fresh outcomes of its
+    rows); yields ShardProgress events, then the summary dict.
 
     With `download.straggler` set, the shard commits without its last few rows (as
     `skipped_straggler`) once only that many are left and none has finished for `stuck_seconds`.
     Their downloads are not waited for: they stop at their next request and never hold the process.
     """
     layout = OutputLayout(output_path, storage_options)
-    writer = ShardWriter(layout, job.shard, settings.output.image_format, digits, extra_cols)
+    writer = job.writer(layout, settings.output.image_format, digits, extra_cols)
     threads = max(1, min(settings.download.threads_per_worker, len(job.rows)))
     # At most two rows per thread are in flight or finished-but-unwritten: bounds memory for big images.
     window = 2 * threads
@@ -130,7 +148,7 @@ def iter_build_shard(job: ShardJob, settings: SampleSettings, output_path: str, 
     pool = _FetchThreads(threads, limiter)
     try:
         with Fetcher(settings.download, limiter=pool.limiter) as fetcher:
-            todo = iter(enumerate(job.rows))
+            todo = iter(job.indexed_rows())
             submitted = 0
             pending: dict[Future, tuple[int, InputRow]] = {}
             while True:

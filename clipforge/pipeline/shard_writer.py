@@ -116,17 +116,26 @@ class ShardWriter:
             self._file.discard()
 
     def commit(self) -> dict[str, Any]:
-        """Close and move the tar into place, then write parquet, stats and (last) the manifest."""
+        """Close and move the tar into place, then write parquet, stats and (last) the manifest.
+
+        The summary counts the rows this writer was given (for a patch, only the rows downloaded again).
+        """
         self._tar.close()
         self._file.commit()
         self.outcomes.sort(key=lambda o: o.row.row)
-        self.layout.write_table(self.layout.parquet(self.shard), self._shard_table())
+        shard_table, manifest = self._tables()
+        self.layout.write_table(self.layout.parquet(self.shard), shard_table)
         ended = time.time()
-        counts = collections.Counter(o.status for o in self.outcomes)
+        counts = collections.Counter(manifest.column("status").to_pylist())
         self.layout.write_json(self.layout.shard_stats(self.shard), shard_stats(counts, self.started, ended))
-        self.layout.write_table(self.layout.manifest(self.shard), self._manifest_table())
-        return {"shard": self.shard, "rows": len(self.outcomes), "status_counts": dict(counts),
+        self.layout.write_table(self.layout.manifest(self.shard), manifest)
+        return {"shard": self.shard, "rows": len(self.outcomes),
+                "status_counts": dict(collections.Counter(o.status for o in self.outcomes)),
                 "seconds": ended - self.started}
+
+    def _tables(self) -> tuple[pa.Table, pa.Table]:
+        """The shard's parquet and its manifest, as committed."""
+        return self._shard_table(), self._manifest_table()
 
     def _manifest_table(self) -> pa.Table:
         rows = self.outcomes

@@ -181,6 +181,19 @@ class BuildSpec(Spec):
     filters: FilterSpec = Field(default_factory=FilterSpec)
     scaling: Scaling = Field(default_factory=lambda: Scaling(workers=2, cpus_per_worker=0.5))
     ray: RayInit = Field(default_factory=RayInit)
+    incremental: Literal["skip", "retry_failed", "overwrite"] = Field(
+        "skip",
+        description="What a re-run does with the shards an earlier run of this build finished: `skip` leaves them "
+        "as they are (a re-run only builds the missing ones); `retry_failed` downloads again the rows that failed "
+        "for a reason that may pass (timeout, connection_error, http_5xx, http_429, skipped_straggler) and rewrites "
+        "only the shards holding them; `overwrite` rebuilds every shard. Shards are replaced one at a time, "
+        "atomically; other files in output.path are left alone.",
+    )
+    min_success_fraction: float | None = Field(
+        None, ge=0, le=1,
+        description="The build fails (exit code 1, every output kept) when fewer than this fraction of the input "
+        "rows end `ok`. None: at least one row must; 0: never fail for failed rows.",
+    )
 
     @model_validator(mode="after")
     def _caption_bounds(self) -> "BuildSpec":

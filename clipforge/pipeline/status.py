@@ -37,6 +37,19 @@ _AFTER_DOWNLOAD = {NOT_AN_IMAGE, TOO_MANY_PIXELS, TOO_SMALL, BAD_ASPECT_RATIO}
 _FILTERED = {CAPTION_TOO_SHORT, CAPTION_TOO_LONG, DUPLICATE, NEAR_DUPLICATE, FILTERED_CLIP_SCORE}
 
 
+# Failures that may not happen again: no answer in time, no connection, the server busy or broken (5xx, 429), or
+# the straggler cutoff. `incremental: retry_failed` downloads these rows again; the rest (404, not an image,
+# filtered, duplicate, ...) would end the same way. Kept in step with the fetcher's own retries (`fetch.py`).
+_TRANSIENT = {TIMEOUT, CONNECTION_ERROR, SKIPPED_STRAGGLER, http_status(429)}
+
+
+def is_transient(code: str) -> bool:
+    """Whether a row with this code may succeed if downloaded again."""
+    if code in _TRANSIENT:
+        return True
+    return code.startswith("http_5") and len(code) == len("http_500") and code[len("http_"):].isdigit()
+
+
 def img2dataset_status(code: str) -> str:
     """`ok` -> success; decode/image filters -> failed_to_resize; caption, dedup and score filters -> filtered;
     anything else (straggler cutoff included) -> failed_to_download."""

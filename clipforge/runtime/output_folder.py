@@ -1,8 +1,11 @@
 """Which folders a job may write into, decided before it writes anything.
 
 A job writes only into a folder that is (a) missing or empty, (b) its own earlier output, or (c) named
-with `overwrite: true`. Its own output is recognised by `.clipforge-job.json`, which the job writes
-first, holding its kind and name: a re-run of the same job resumes there, any other job is refused.
+with `overwrite: true`. Its own output is recognised by `.clipforge-output`, which the job writes
+first, holding its kind and name (JSON): a re-run of the same job resumes there, any other job is refused.
+The marker was `.clipforge-job.json` before; folders marked so are recognised, and their own job's next run
+renames the marker (a `*.json` file beside an eval's results broke `clip_benchmark build`, which reads every
+`*.json` of the folder as a result).
 Folders written before that file existed are recognised by their contents: every entry must be a name
 the job itself writes, and one of its signature entries must be present (a build's `manifest/`, a
 training run's `spec.yaml` or `checkpoints/`: a run folder seeded with another run's checkpoints
@@ -21,7 +24,8 @@ import fsspec
 from clipforge.errors import OutputFolderError
 from clipforge.runtime.storage_errors import storage_errors
 
-MARKER = ".clipforge-job.json"
+MARKER = ".clipforge-output"
+LEGACY_MARKER = ".clipforge-job.json"
 _SHOWN = 3  # entries named in a refusal
 
 
@@ -46,13 +50,26 @@ def _entries(fs, root: str) -> list[str] | None:
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
 
 
-def _read_marker(fs, root: str) -> dict | None:
+def _read_marker(fs, root: str, name: str = MARKER) -> dict:
     try:
-        with fs.open(f"{root}/{MARKER}", "r", encoding="utf-8") as f:
+        with fs.open(f"{root}/{name}", "r", encoding="utf-8") as f:
             data = json.load(f)
         return data if isinstance(data, dict) else {}
     except (ValueError, UnicodeDecodeError):
         return {}  # unreadable: someone else's file of that name, owned by no job
+
+
+def folder_owner(url: str, storage_options: dict | None = None) -> tuple[str, str] | None:
+    """(kind, name) of the job whose marker the folder holds, ("?", "?") for a marker no job wrote, None for none.
+
+    Reads only; storage errors propagate to the caller."""
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    root = root.rstrip("/") or root
+    for name in (MARKER, LEGACY_MARKER):
+        if fs.exists(f"{root}/{name}"):
+            mark = _read_marker(fs, root, name)
+            return (str(mark["kind"]), str(mark.get("name"))) if mark.get("kind") else ("?", "?")
+    return None
 
 
 def _write_marker(fs, root: str, owner: OutputOwner) -> None:
@@ -60,6 +77,8 @@ def _write_marker(fs, root: str, owner: OutputOwner) -> None:
     record = {"kind": owner.kind, "name": owner.name, "claimed_at": time.time()}
     with fs.open(f"{root}/{MARKER}", "w", encoding="utf-8") as f:
         f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    if fs.exists(f"{root}/{LEGACY_MARKER}"):
+        fs.rm(f"{root}/{LEGACY_MARKER}")  # the folder's owner is now recorded under the new name
 
 
 def _ours(entries: list[str], owner: OutputOwner) -> bool:
@@ -90,13 +109,16 @@ def claim_output_folder(url: str, owner: OutputOwner, overwrite: bool = False,
         if not entries:
             _write_marker(fs, root, owner)
             return False
-        if MARKER in entries:
-            mark = _read_marker(fs, root) or {}
+        marker = next((name for name in (MARKER, LEGACY_MARKER) if name in entries), None)
+        if marker is not None:
+            mark = _read_marker(fs, root, marker)
             if (mark.get("kind"), mark.get("name")) == (owner.kind, owner.name):
+                if marker == LEGACY_MARKER:
+                    _write_marker(fs, root, owner)
                 return True
             if not overwrite:
                 what = (f"the output of another clipforge job (`{mark.get('kind')}` job `{mark.get('name')}`)"
-                        if mark.get("kind") else f"a `{MARKER}` that no clipforge job wrote")
+                        if mark.get("kind") else f"a `{marker}` that no clipforge job wrote")
                 raise OutputFolderError(f"{where}: holds {what}; choose another folder, or set overwrite: true "
                                         "to write into it anyway")
         elif _ours(entries, owner):

@@ -2,6 +2,9 @@
 
 A training run's directory (the `storage` of a train spec) holds:
   spec.yaml      the spec, every default filled in (written when the run starts)
+  spec_history.jsonl
+                 one line per spec the run has trained under, oldest first: where each began (a re-run that
+                 changes the spec adds one; read with `read_spec_history`)
   run.json       the few spec fields the dashboard's runs table shows (written with spec.yaml), so listing
                  thousands of runs reads a small JSON file per run instead of parsing YAML
   metrics.jsonl  one JSON object per logged step (MetricsLog)
@@ -13,8 +16,11 @@ A training run's directory (the `storage` of a train spec) holds:
                  attempt's (read with `read_sample_keys`)
   summary.json   the run summary (written when the run ends)
   ray/           Ray Train's own state (local runs only)
-An eval job's folder holds one JSON per task, results.json (all of them), results.csv / results.md and
-eval_stats.json; a training run may keep such results in eval/ or evals/. A build's folder ends with
+An eval job's folder is a CLIP_benchmark results folder: one JSON per (dataset, model, task), named and shaped as
+CLIP_benchmark's own, and no other *.json file (`clip_benchmark build FOLDER` reads every one); clipforge's own
+summaries are JSON Lines beside them: results.jsonl (every result, one a line), eval_stats.jsonl (one line per
+model), and the tables results.csv / results.md. Folders written before held results.json and eval_stats.json
+instead. A training run may keep such results in eval/ or evals/. A build's folder ends with
 stats.json. A sweep's folder holds sweep.json and one run directory per child; a child that failed gets
 error.json.
 
@@ -31,6 +37,7 @@ import yaml
 from clipforge.runtime.fs_files import is_local, join, read_json, write_json, write_text
 
 SPEC_FILE = "spec.yaml"
+SPEC_HISTORY_FILE = "spec_history.jsonl"
 INDEX_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -40,10 +47,15 @@ WORKERS_DIR = "workers"
 SAMPLE_KEYS_FILE = "sample_keys.jsonl"
 RAY_DIR = "ray"
 
-RESULTS_FILE = "results.json"
+RESULTS_FILE = "results.jsonl"
 RESULTS_CSV_FILE = "results.csv"
 RESULTS_MD_FILE = "results.md"
-EVAL_STATS_FILE = "eval_stats.json"
+EVAL_STATS_FILE = "eval_stats.jsonl"
+# What eval folders written before held instead (a JSON list of every result; {"cache", "models": [...]}): *.json
+# names, which `clip_benchmark build` takes for result files of its own.
+LEGACY_RESULTS_FILE = "results.json"
+LEGACY_EVAL_STATS_FILE = "eval_stats.json"
+EVAL_RESULTS_FILES = (RESULTS_FILE, LEGACY_RESULTS_FILE)  # an eval job's all-results file, newest name first
 EVAL_DIRS = ("eval", "evals")  # where a training run may keep eval results
 
 BUILD_STATS_FILE = "stats.json"
@@ -57,7 +69,7 @@ FINISH_FILES = {"build": BUILD_STATS_FILE, "train": SUMMARY_FILE, "eval": RESULT
 
 # Everything a training run writes at the top of its run directory, and the entries only a training run writes.
 TRAIN_RUN_ENTRIES = (CHECKPOINTS_DIR, METRICS_FILE, SPEC_FILE, INDEX_FILE, SUMMARY_FILE, TENSORBOARD_DIR, WORKERS_DIR,
-                     RAY_DIR, SAMPLE_KEYS_FILE)
+                     RAY_DIR, SAMPLE_KEYS_FILE, SPEC_HISTORY_FILE)
 TRAIN_RUN_SIGNATURE = (SPEC_FILE, CHECKPOINTS_DIR)
 
 
@@ -74,6 +86,12 @@ INDEX_VERSION = 1
 def dump_spec(spec) -> str:
     """The spec as YAML, every default filled in (written into run directories)."""
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def write_spec_yaml(storage: str, spec) -> None:
+    """STORAGE/spec.yaml alone: for eval folders, where a run.json index would be one more `*.json` that
+    CLIP_benchmark's `build` reads as a result."""
+    write_text(join(storage, SPEC_FILE), dump_spec(spec))
 
 
 def write_spec_files(storage: str, spec) -> None:
@@ -105,6 +123,45 @@ def read_index(data: bytes | str) -> dict | None:
     if not isinstance(obj, dict) or obj.get("index_version") != INDEX_VERSION:
         return None
     return spec_index(obj)
+
+
+def read_spec(storage: str) -> dict | None:
+    """STORAGE/spec.yaml as plain data, or None when the run directory has none (or it is not a mapping)."""
+    fs, p = fsspec.core.url_to_fs(join(storage, SPEC_FILE))
+    if not fs.exists(p):
+        return None
+    with fs.open(p, "r", encoding="utf-8") as f:
+        document = yaml.load(f.read(), Loader=_LOADER)  # a safe loader
+    return document if isinstance(document, dict) else None
+
+
+# -- spec_history.jsonl --------------------------------------------------------------------------------
+#
+# One JSON object per spec a training run has trained under, oldest first:
+#   {"start_step": S, "time": T, "changed": ["field: recorded -> new", ...], "spec": {...every field...}}
+# A run adds a line when it starts training under a spec that differs from the last line's (a fresh run: its first
+# line, S = 0). spec.yaml always holds the newest spec; this file says which steps each spec trained.
+
+
+def spec_history_path(storage: str) -> str:
+    return join(storage, SPEC_HISTORY_FILE)
+
+
+def read_spec_history(storage: str) -> list[dict]:
+    """Every entry of STORAGE/spec_history.jsonl, oldest first ([] when the run has none); lines that are not JSON
+    objects (cut off by a killed writer) are skipped."""
+    fs, p = fsspec.core.url_to_fs(spec_history_path(storage))
+    if not fs.exists(p):
+        return []
+    with fs.open(p, "r", encoding="utf-8") as f:
+        return _json_objects(f.read())
+
+
+def append_spec_history(storage: str, entry: dict) -> None:
+    """Add `entry` as the last line of STORAGE/spec_history.jsonl. The file is rewritten whole: object stores
+    cannot append, and it holds a line per spec change only."""
+    lines = "".join(json.dumps(e) + "\n" for e in [*read_spec_history(storage), entry])
+    write_text(spec_history_path(storage), lines)
 
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -276,6 +333,57 @@ def _json_objects(text: str) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+# -- an eval job's results.jsonl and eval_stats.jsonl ------------------------------------------------------
+
+def json_lines(records: list[dict]) -> str:
+    """`records` as JSON Lines (NaN written as JSON `NaN`, as CLIP_benchmark writes undefined metrics)."""
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def _read_eval_file(folder: str, names: tuple[str, str]) -> tuple[str, str]:
+    """(name, text) of the first of `names` (current, legacy) that `folder` holds."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    for name in names:
+        path = join(root, name)
+        if fs.exists(path):
+            with fs.open(path, "r", encoding="utf-8") as f:
+                return name, f.read()
+    raise FileNotFoundError(f"{folder} holds neither {names[0]} nor {names[1]}: not a finished eval job's folder")
+
+
+def read_eval_results(folder: str) -> list[dict]:
+    """Every result of the eval job whose folder is `folder`, in the order written (results.jsonl, or the JSON list
+    in results.json of folders written before)."""
+    name, text = _read_eval_file(folder, EVAL_RESULTS_FILES)
+    return parse_eval_results(name, text)
+
+
+def parse_eval_results(name: str, text: str) -> list:
+    """The results in `text`, the contents of an eval job's all-results file called `name` (one of
+    EVAL_RESULTS_FILES); for readers that fetch the file themselves (the dashboard reads through its own folder
+    checks). A results.json that is not a JSON list gives what it holds, for the caller to check."""
+    return _json_objects(text) if name == RESULTS_FILE else json.loads(text)
+
+
+# The task names eval results carried before, and the name each stands for now (CLIP_benchmark's).
+EVAL_TASK_ALIASES = {"retrieval": "zeroshot_retrieval"}
+
+
+def eval_task_name(task: str) -> str:
+    """The current name of an eval result's task, whichever name the result was written with."""
+    return EVAL_TASK_ALIASES.get(task, task)
+
+
+def read_eval_stats(folder: str) -> list[dict]:
+    """One dict per model of the eval job whose folder is `folder`: what was embedded and what came from the cache
+    (eval_stats.jsonl; in folders written before, eval_stats.json's `models`, each given its `cache`)."""
+    name, text = _read_eval_file(folder, (EVAL_STATS_FILE, LEGACY_EVAL_STATS_FILE))
+    if name == EVAL_STATS_FILE:
+        return _json_objects(text)
+    legacy = json.loads(text)
+    return [{"cache": legacy.get("cache"), **m} for m in legacy.get("models", [])]
 
 
 # -- summary.json ------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from clipforge.models.accumulation import accumulated_step
 from clipforge.models.losses import create_loss
 from clipforge.models.regimes import apply_regime, schedule_parameter_names, stage_at
 from clipforge.runtime.run_dir import MetricsLog, metrics_path, write_summary
-from clipforge.train import budget, run_checkpoints
+from clipforge.train import budget, rerun, run_checkpoints
 from clipforge.train.checkpoint_state import Held
 from clipforge.train.collectives import all_gather_object, all_mean, all_min_int, all_sum_int, barrier
 from clipforge.train.data import SkipCounter
@@ -306,6 +306,7 @@ def train_worker(spec: TrainSpec, ctx: WorkerContext | None = None) -> dict:
             log.info("resumed from %s after epoch %d (step %d)", resume_from, progress.epoch, progress.step)
     metrics_log, board, sample_keys = None, None, None
     if ctx.rank == 0:
+        rerun.record_spec(spec, progress.step, meta)
         resume_step = progress.step if resume_from else None
         metrics_log = MetricsLog(metrics_path(spec.storage), resume_step)
         board = open_tensorboard(spec.storage, resume_step) if spec.tensorboard else None

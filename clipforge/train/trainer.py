@@ -36,6 +36,7 @@ from clipforge.runtime.storage_errors import storage_errors
 from clipforge.train.loop import train_loop_per_worker
 from clipforge.train.placement import PlacementWatch, placement_failure, placement_timeout
 from clipforge.train.progress import MetricsProgress
+from clipforge.train.rerun import AlreadyTrained, RerunMode, plan_rerun
 from clipforge.train.run_checkpoints import refuse_existing
 from clipforge.train.shards import expand_sources
 from clipforge.train.spec import TrainSpec
@@ -137,16 +138,26 @@ def output_owner(spec: TrainSpec) -> OutputOwner:
     return OutputOwner("train", spec.name, "storage", own_names=TRAIN_RUN_ENTRIES, signature=TRAIN_RUN_SIGNATURE)
 
 
-def run_train(spec: TrainSpec, progress: bool = True) -> dict:
+def run_train(spec: TrainSpec, progress: bool = True, rerun: RerunMode = "check") -> dict:
     """Train as `spec` says; returns the run summary, also written to STORAGE/summary.json.
 
     `progress`: show a progress bar on stdout while training (only when stdout is a terminal).
+    `rerun`: what to do when STORAGE holds checkpoints trained under a spec this one changes (see
+    clipforge.train.rerun): refuse (`check`), continue them under this spec (`resume`), or train from scratch
+    into a new sibling folder (`fresh`). When they already hold the whole budget, returns `AlreadyTrained` (the
+    recorded summary) without starting Ray or writing anything.
     """
+    t0 = time.time()
+    spec = with_absolute_paths(spec)
+    # Before Ray starts and before anything is written: a refused or finished re-run must leave no trace.
+    planned = plan_rerun(spec, rerun)
+    if isinstance(planned, AlreadyTrained):
+        log.info("%s", planned.message)
+        return planned
+    spec = planned
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    t0 = time.time()
-    spec = with_absolute_paths(spec)
     # Fail before any worker starts when a shard list names nothing (workers expand them again themselves).
     expand_sources(spec.data)
     if spec.model.checkpoint:

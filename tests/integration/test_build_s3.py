@@ -116,7 +116,7 @@ def check_build(fs, bucket: str, rows: list[tuple[str, str, str]], stats: dict) 
     assert [p.rsplit("/", 1)[1] for p in tars] == [f"{s:05d}.tar" for s in range((len(rows) + SPS - 1) // SPS)]
     # Nothing hidden or half-uploaded is left behind: the one hidden object is the folder's owner record.
     assert [p.rsplit("/", 1)[1] for p in fs.find(bucket) if p.rsplit("/", 1)[1].startswith(".")] == \
-        [".clipforge-job.json"]
+        [".clipforge-output"]
     assert fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
 
     samples = {s["__key__"]: s for s in wds.WebDataset([pipe_url(f"s3://{p}") for p in tars],

@@ -25,6 +25,17 @@ from clipforge.runtime.run_dir import dump_spec, write_spec_files
 from clipforge.train.spec import TrainSpec
 
 SECRET = "TOP-SECRET-OUTSIDE-THE-RUNS-FOLDER"
+CLS, RET = "zeroshot_classification", "zeroshot_retrieval"
+
+
+def key(model: str, dataset: str, task: str, metric: str) -> str:
+    """An eval value's key in the API: (model label, dataset, task, metric)."""
+    return f"{model} · {dataset} · {task} · {metric}"
+
+
+def logged(dataset: str, metric: str, task: str = CLS) -> str:
+    """The key of an eval value logged during training (metrics.jsonl): the best value, under its own label."""
+    return key("training (best)", dataset, task, metric)
 
 
 # -- fixture run folders ---------------------------------------------------------------------------
@@ -208,6 +219,8 @@ def test_runs_list_finds_every_run_with_status_kind_and_sweep(client):
     assert rows["evals/untrained"]["kind"] == "eval" and rows["evals/untrained"]["model"] == "tiny"
     assert rows["fresh"]["kind"] == "train" and rows["fresh"]["model"] == "tiny" and rows["fresh"]["step"] is None
     assert rows["sweep/lr1"]["sweep"] == "sweep" and rows["alpha"]["sweep"] is None
+    # A plain folder of runs is not a sweep: only its folder is named.
+    assert rows["evals/untrained"]["sweep"] is None and rows["evals/untrained"]["folder"] == "evals"
     assert rows["sweep/lr1"]["swept"] == {"optim.lr": 3e-3}
     assert rows["alpha"]["name"] == "alpha" and rows["sweep/lr0"]["name"] == "sweep-lr0"
 
@@ -218,11 +231,14 @@ def test_runs_list_numbers_come_from_summary_metrics_and_evals(client):
     assert alpha["samples_seen"] == 240 and alpha["params"] == 1_000_000 and alpha["gmacs"] == 0.5
     assert alpha["compute"] == pytest.approx(120.0)
     assert alpha["wall_seconds"] == 42.0 and alpha["samples_per_second"] == 123.0
-    # Best of the eval lines in metrics.jsonl (0.35) and of the eval folder's files; counts are not scores.
-    assert alpha["evals"]["fashion/acc1"] == pytest.approx(0.4)
-    assert alpha["evals"]["tux/image_retrieval_recall@1"] == pytest.approx(0.25)
-    assert not any(k.endswith("n_images") or k.endswith("acc5") for k in alpha["evals"])
-    assert rows["sweep/lr1"]["evals"] == {"fashion/acc1": pytest.approx(0.3)}
+    # The best of the eval lines in metrics.jsonl and the eval folder's results, each under its own key (the
+    # folder's results.json was written before the retrieval task got its CLIP_benchmark name); counts are not
+    # scores, and an undefined acc5 (NaN) is no value.
+    assert alpha["evals"] == {logged("fashion", "acc1"): pytest.approx(0.35),
+                              key("trained", "fashion", CLS, "acc1"): pytest.approx(0.4),
+                              key("trained", "tux", RET, "image_retrieval_recall@1"): pytest.approx(0.25),
+                              key("trained", "tux", RET, "text_retrieval_recall@1"): pytest.approx(0.5)}
+    assert rows["sweep/lr1"]["evals"] == {logged("fashion", "acc1"): pytest.approx(0.3)}
     # Without a summary: the last valid metrics line.
     live = rows["live"]
     assert live["step"] == 15 and live["samples_seen"] == 120 and live["compute"] is None
@@ -232,9 +248,11 @@ def test_runs_list_numbers_come_from_summary_metrics_and_evals(client):
 def test_groups_and_metric_names(client):
     status, data = client.get("/api/runs")
     groups = {g["id"]: g for g in data["groups"]}
-    assert groups["sweep"] == {"id": "sweep", "runs": 2, "fields": ["optim.lr"]}
-    assert "evals" in groups
-    assert {"fashion/acc1", "tux/image_retrieval_recall@1"} <= set(data["metrics"])
+    assert groups["sweep"] == {"id": "sweep", "runs": 2, "sweep": True, "fields": ["optim.lr"]}
+    assert groups["evals"] == {"id": "evals", "runs": 1, "sweep": False, "fields": []}
+    assert {logged("fashion", "acc1"), key("trained", "tux", RET, "image_retrieval_recall@1")} <= set(data["metrics"])
+    assert data["metric_parts"][key("untrained", "fashion", CLS, "acc1")] == {
+        "model": "untrained", "dataset": "fashion", "task": CLS, "metric": "acc1"}
 
 
 def test_new_run_appears_and_changed_status_is_seen(client, runs_folder):
@@ -251,15 +269,15 @@ def test_row_follows_a_growing_and_a_rewritten_log(client, runs_folder):
     with open(path, "a") as f:  # an eval line, then half of the next line
         f.write(metric_lines(1, first=4, evals={"ds/acc1": [0.5]})[0] + "\n" + '{"step": 25, "eval/ds/acc1": 0.9')
     row = rows_by_id(client)["live"]
-    assert row["evals"] == {"ds/acc1": 0.5} and row["step"] == 20  # the half line counts for nothing yet
+    assert row["evals"] == {logged("ds", "acc1"): 0.5} and row["step"] == 20  # the half line counts for nothing yet
     with open(path, "a") as f:
         f.write(', "loss": 1.0}\n')
     row = rows_by_id(client)["live"]
-    assert row["evals"] == {"ds/acc1": 0.9} and row["step"] == 25 and row["loss"] == 1.0
+    assert row["evals"] == {logged("ds", "acc1"): 0.9} and row["step"] == 25 and row["loss"] == 1.0
     # A resumed run rewrites the log from its checkpoint: the best of the dropped lines must not stick.
     path.write_text("\n".join(metric_lines(2, evals={"ds/acc1": [0.3, 0.2]})) + "\n" + "x" * 200 + "\n")
     row = rows_by_id(client)["live"]
-    assert row["evals"] == {"ds/acc1": 0.3} and row["step"] == 10
+    assert row["evals"] == {logged("ds", "acc1"): 0.3} and row["step"] == 10
 
 
 def long_log(lines: int, t0: float, awkward: bool) -> list[str]:
@@ -294,7 +312,8 @@ def expected_row(lines: list[str], spec_mtime: float, gmacs: float) -> dict:
     loss = [r["eval/fashion/loss"] for r in records if "eval/fashion/loss" in r]
     return {"samples_seen": last["samples_seen"], "step": last["step"], "epoch": last["epoch"], "loss": last["loss"],
             "samples_per_second": last["samples_per_second"], "wall_seconds": last["time"] - spec_mtime,
-            "compute": gmacs * last["samples_seen"], "evals": {"fashion/acc1": max(acc), "fashion/loss": min(loss)}}
+            "compute": gmacs * last["samples_seen"],
+            "evals": {logged("fashion", "acc1"): max(acc), logged("fashion", "loss"): min(loss)}}
 
 
 AWKWARD_LINES = [
@@ -371,7 +390,7 @@ def test_numbers_too_large_for_a_float_leave_cells_blank(tmp_path):
         f'{{"dataset": "tux", "model": "tiny", "task": "retrieval", "metrics": {{"r1": {huge}, "r5": 0.75}}}}')
     with serving(tmp_path / "runs") as client:
         row = rows_by_id(client)["huge"]
-    assert row["evals"] == {"ds/acc5": 0.5, "tux/r5": 0.75}
+    assert row["evals"] == {logged("ds", "acc5"): 0.5, key("tiny", "tux", RET, "r5"): 0.75}
     assert row["samples_seen"] is None and row["compute"] is None and row["samples_per_second"] is None
     assert row["step"] == 10 and row["status"] == "finished"
 
@@ -420,14 +439,15 @@ def test_runs_list_columns_for_long_logs_with_a_half_written_line(tmp_path):
     with serving(root) as client:
         rows = rows_by_id(client)
         for name, lines in logs.items():
-            assert expected_row(lines, spec_mtime, 0.25)["evals"] == {"fashion/acc1": 0.6, "fashion/loss": 1.75}
+            assert expected_row(lines, spec_mtime, 0.25)["evals"] == {logged("fashion", "acc1"): 0.6,
+                                                                      logged("fashion", "loss"): 1.75}
             check(rows, name, lines)
         # The trainer finishes the half-written line and logs one more: the table follows.
         for name, lines in logs.items():
             with open(root / "sweep" / name / "metrics.jsonl", "a") as f:
                 f.write("}\n" + final + "\n")
             lines += [half + "}", final]
-            assert expected_row(lines, spec_mtime, 0.25)["evals"]["fashion/acc1"] == 0.999
+            assert expected_row(lines, spec_mtime, 0.25)["evals"][logged("fashion", "acc1")] == 0.999
         rows = rows_by_id(client)
         for name, lines in logs.items():
             check(rows, name, lines)
@@ -454,6 +474,9 @@ def test_run_payload_skips_corrupt_lines_and_keeps_half_line_for_later(client, r
     assert sorted((e["dataset"], e["task"]) for e in data["evals"]) == [
         ("fashion", "zeroshot_classification"), ("tux", "retrieval")]
     assert data["evals"][0]["file"] == "alpha/eval/trained/results.json"
+    assert sorted((e["model"], e["dataset"], e["task"], e["metric"], e["value"]) for e in data["eval_table"]) == [
+        ("trained", "fashion", CLS, "acc1", 0.4), ("trained", "tux", RET, "image_retrieval_recall@1", 0.25),
+        ("trained", "tux", RET, "text_retrieval_recall@1", 0.5)]
 
 
 def test_metrics_since_offset_returns_only_new_complete_lines(client, runs_folder):
@@ -558,8 +581,8 @@ def test_pages_and_assets_are_served(client):
 # -- scaling endpoint ------------------------------------------------------------------------------
 
 def test_scaling_endpoint_fits_the_sweep(client, runs_folder):
-    status, data = client.get("/api/scaling", group="sweep", metric="fashion/acc1", bins=4, target=0.5)
-    one_bin = client.get("/api/scaling", group="sweep", metric="fashion/acc1", bins=1)[1]
+    status, data = client.get("/api/scaling", group="sweep", metric=logged("fashion", "acc1"), bins=4, target=0.5)
+    one_bin = client.get("/api/scaling", group="sweep", metric=logged("fashion", "acc1"), bins=1)[1]
     assert one_bin["fit"] is None and "at least 2 compute bins" in one_bin["fit_error"]
     assert status == 200
     assert {p["id"] for p in data["points"]} == {"sweep/lr0", "sweep/lr1"}
@@ -690,7 +713,8 @@ def test_fsspec_folder_is_listed_and_read(tmp_path):
             rows = rows_by_id(c)
             assert set(rows) == {"a", "grp/b"}
             assert rows["a"]["status"] == "finished" and rows["a"]["compute"] == 24.0
-            assert rows["a"]["evals"] == {"ds/acc1": 0.3} and rows["grp/b"]["sweep"] == "grp"
+            assert rows["a"]["evals"] == {logged("ds", "acc1"): 0.3}
+            assert rows["grp/b"]["sweep"] is None and rows["grp/b"]["folder"] == "grp"  # no sweep.json: a folder
             status, data = c.get("/api/run", id="a")
             assert status == 200 and [r["step"] for r in data["records"]] == [5, 10, 15] and data["skipped_lines"] == 2
             assert c.get("/api/run", id="../x")[0] == 403

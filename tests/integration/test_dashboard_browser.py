@@ -1,10 +1,11 @@
 """The dashboard's pages in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium).
 
 Checks what a person would see: the runs table lists, sorts and filters the fixture runs; a run page
-draws its curves; a live run's new metric lines appear without a reload; the scaling page shows the
-exponent of a synthetic sweep with a known power law; the compare page overlays runs; the 'try it'
-page scores captions with a real checkpoint. Screenshots go to the test's tmp folder, and to
-docs/screenshots/ when CLIPFORGE_UPDATE_SCREENSHOTS=1.
+draws its curves; an eval job's page shows its scores as a table and as bars per task, without training charts;
+a live run's new metric lines appear without a reload; the scaling page shows the exponent of a synthetic sweep
+with a known power law; the compare page overlays runs and puts eval scores side by side; the sweep page charts
+swept values against a metric; the 'try it' page scores captions with a real checkpoint. Screenshots go to the
+test's tmp folder, and to docs/screenshots/ when CLIPFORGE_UPDATE_SCREENSHOTS=1.
 """
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import math
 import os
 import random
 import shutil
+import urllib.parse
 from pathlib import Path
 
 import pytest
+from test_dashboard_evals import SUITE, write_eval_suite
 
-from test_dashboard_api import make_runs_folder, metric_lines, write_run
+from test_dashboard_api import logged, make_runs_folder, metric_lines, write_run
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +116,7 @@ def site(tmp_path_factory):
     add_scaling_sweep(root)
     showcase = add_showcase_sweep(root)
     checkpoint = add_trained_checkpoint(root)
+    write_eval_suite(root / "demo" / "eval" / "suite")
     server, thread = start_in_thread(DashboardSpec(runs=str(root), port=0, estimate_compute=False,
                                                    rescan_interval_s=0))
     yield {"url": server.url, "root": root, "checkpoint": checkpoint, "shots": tmp / "screenshots",
@@ -178,12 +182,14 @@ def test_runs_table_lists_sorts_and_filters(browser, site):
     assert "escape" not in ids and "notes" not in ids
     status = dict(zip(ids, table_column(browser, 4)))
     assert status["broken"] == "failed" and status["alpha"] == "finished" and status["fresh"] == "stopped"
+    sweep = dict(zip(ids, table_column(browser, 2)))
+    assert sweep["sweep/lr0"] == "sweep" and sweep["evals/untrained"] == ""  # a plain folder is not a sweep
     screenshot(browser, site, "runs")
 
     browser.find_element(By.CSS_SELECTOR, '#runs-table th[data-key="samples_seen"]').click()
     ids = table_ids(browser)
     assert ids[0].startswith("scaling/c43_")  # largest samples seen first
-    assert ids[-1] in ("fresh", "evals/untrained", "linked")  # runs without a value sort last
+    assert ids[-1] in ("fresh", "evals/untrained", "linked", "demo/eval/suite")  # runs without a value sort last
 
     box = browser.find_element(By.ID, "filter")
     box.send_keys("sweep/")
@@ -212,6 +218,27 @@ def test_run_page_draws_training_and_eval_curves(browser, site):
     screenshot(browser, site, "run")
 
 
+def test_eval_job_page_shows_scores_and_bars_without_training_charts(browser, site):
+    open_page(browser, site, "/run?id=demo/eval/suite")
+    scores = [(label, ds, task, m, v) for label, ds, task, metrics in SUITE for m, v in metrics.items()
+              if not m.startswith("n_")]
+    rows = browser.execute_script("return [...document.querySelectorAll('#eval-table tbody tr')]"
+                                  ".map((tr) => [...tr.cells].map((td) => td.textContent));")
+    assert sorted(tuple(r[:4]) for r in rows) == sorted((label, ds, task, m) for label, ds, task, m, _ in scores)
+    # One card of bars per (dataset, task), the two model labels side by side in each metric's group.
+    cards = browser.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('.eval-task')].map((c) => [c.dataset.task, "
+        "[...c.querySelectorAll('.bar')].map((b) => [b.dataset.group, b.dataset.series, Number(b.dataset.value)])]));")
+    assert sorted(cards) == ["fashion_mnist · linear_probe", "fashion_mnist · zeroshot_classification",
+                             "tuxpaint_heldout · zeroshot_retrieval"]
+    assert cards["fashion_mnist · linear_probe"] == [["acc1", "untrained", 0.31], ["acc1", "trained", 0.44]]
+    assert len(cards["fashion_mnist · zeroshot_classification"]) == 4  # acc1 and acc5, for both labels
+    # No training charts and no x-axis picker: an eval job logs no training steps.
+    assert not browser.find_elements(By.CSS_SELECTOR, "#curves, #eval-curves, #x-axis, svg.cf-chart")
+    assert "spec.yaml" in browser.find_element(By.ID, "spec").text
+    screenshot(browser, site, "eval")
+
+
 def text_by_id(browser, element_id):
     return browser.execute_script("return document.getElementById(arguments[0]).textContent", element_id)
 
@@ -230,7 +257,8 @@ def test_live_run_updates_without_reload(browser, site):
 
 
 def test_scaling_page_shows_the_known_exponent(browser, site):
-    open_page(browser, site, "/scaling?group=scaling&metric=ds/acc1&target=0.3")
+    metric = urllib.parse.quote(logged("ds", "acc1"))
+    open_page(browser, site, f"/scaling?group=scaling&metric={metric}&target=0.3")
     alpha = float(browser.find_element(By.ID, "fit-alpha").get_attribute("data-alpha"))
     assert abs(alpha - KNOWN_ALPHA) < 0.01
     assert browser.find_element(By.ID, "fit-alpha").text.startswith(f"{alpha:.4f}"[:5])
@@ -253,6 +281,29 @@ def test_compare_page_overlays_runs(browser, site):
     open_page(browser, site, "/compare?x=samples_seen&ids=" + ",".join(site["showcase"]))
     assert series_points(browser, "chart-compare") == [120, 120, 120]
     screenshot(browser, site, "compare")
+
+    # Final eval scores side by side: a column per (run, model label), the untrained and trained models together.
+    open_page(browser, site, "/compare?ids=demo/eval/suite,sweep/lr1")
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.ID, "compare-eval-table"))
+    heads = browser.execute_script("return [...document.querySelectorAll('#compare-eval-table th[data-run]')]"
+                                   ".map((th) => [th.dataset.run, th.dataset.model]);")
+    assert heads == [["demo/eval/suite", "trained"], ["demo/eval/suite", "untrained"],
+                     ["sweep/lr1", "training (best)"]]
+    probe = browser.execute_script("return [...document.querySelectorAll('#compare-eval-table tbody tr')]"
+                                   ".map((tr) => [...tr.cells].map((td) => td.textContent))"
+                                   ".find((r) => r[1] === 'linear_probe');")
+    assert probe == ["fashion_mnist", "linear_probe", "acc1", "0.44", "0.31", ""]
+
+
+def test_sweep_page_charts_swept_values_against_a_metric(browser, site):
+    open_page(browser, site, "/sweep?id=showcase")
+    rows = browser.execute_script("return [...document.querySelectorAll('#sweep-table tbody tr')]"
+                                  ".map((tr) => tr.dataset.dir);")
+    assert rows == [r.split("/")[1] for r in site["showcase"]]
+    markers = browser.find_element(By.CSS_SELECTOR, "#chart-sweep g.cf-markers")
+    assert markers.get_attribute("data-points") == "3"
+    browser.get(site["url"] + "/sweep?id=evals")  # a plain folder: no sweep page
+    WebDriverWait(browser, WAIT_S).until(lambda d: "not a sweep" in d.find_element(By.ID, "page").text)
 
 
 def test_try_page_scores_captions_with_a_checkpoint(browser, site, tmp_path):

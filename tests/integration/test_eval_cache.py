@@ -16,11 +16,12 @@ import webdataset as wds
 from PIL import Image
 
 from clipforge.eval.cache import FeatureStore, cache_key
-from clipforge.eval.evaluator import STATS_FILE, run_eval
+from clipforge.eval.evaluator import run_eval
 from clipforge.eval.fingerprint import describe_transform, digest_items, digest_tensors
 from clipforge.eval.spec import EvalSpec
 from clipforge.eval.tower_view import tower_view
 from clipforge.models.spec import ModelSpec
+from clipforge.runtime.run_dir import RESULTS_FILE, json_lines, read_eval_stats
 
 torch.set_num_threads(1)
 
@@ -66,7 +67,7 @@ def _spec(data, storage, cache, **model) -> EvalSpec:
 
 
 def _stats(storage) -> list[dict]:
-    return json.loads((storage / STATS_FILE).read_text())["models"]
+    return read_eval_stats(str(storage))
 
 
 def _save_variant(path, change: str) -> str:
@@ -194,4 +195,4 @@ def test_second_run_reuses_features_and_heads_only_models_skip_the_towers(ray_lo
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["ray_started"] is False
-    assert (tmp_path / "r5" / "results.json").read_text() == json.dumps(first, indent=2)
+    assert (tmp_path / "r5" / RESULTS_FILE).read_text() == json_lines(first)

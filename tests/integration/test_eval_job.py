@@ -18,6 +18,8 @@ from clipforge.eval.evaluator import result_filename, run_eval
 from clipforge.eval.metrics import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
 from clipforge.eval.spec import EvalSpec
 from clipforge.models.spec import ModelSpec
+from clipforge.runtime.output_folder import MARKER
+from clipforge.runtime.run_dir import read_eval_results
 from clipforge.specbase import Scaling
 
 torch.set_num_threads(1)
@@ -159,17 +161,18 @@ def test_run_eval_end_to_end(ray_local, data, bundle, tmp_path):
     )
     results = run_eval(spec)
 
-    assert [r["task"] for r in results] == ["retrieval", "zeroshot_classification"]
+    # The spec's `retrieval` is CLIP_benchmark's `zeroshot_retrieval` in results and file names.
+    assert [r["task"] for r in results] == ["zeroshot_retrieval", "zeroshot_classification"]
     names = sorted(p.name for p in storage.iterdir())
-    assert names == sorted([".clipforge-job.json", "results.json", "results.csv", "results.md", "eval_stats.json",
-                            "wds_toy_untrained_tiny_en_retrieval.json",
+    assert names == sorted([MARKER, "results.jsonl", "results.csv", "results.md", "eval_stats.jsonl", "spec.yaml",
+                            "wds_toy_untrained_tiny_en_zeroshot_retrieval.json",
                             "toyclasses_untrained_tiny_en_zeroshot_classification.json"])
     for r in results:
         on_disk = json.loads((storage / result_filename(r["dataset"], "untrained", "tiny", r["task"])).read_text())
         assert set(on_disk) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
         assert (on_disk["model"], on_disk["pretrained"], on_disk["language"]) == ("tiny", "untrained", "en")
         assert on_disk["dataset"] == r["dataset"] and on_disk["task"] == r["task"]
-    saved = json.loads((storage / "results.json").read_text())
+    saved = read_eval_results(str(storage))
     assert [s["dataset"] for s in saved] == ["wds/toy", "toyclasses"]
 
     # Retrieval: the corrupt image and its caption leave; metrics equal an in-process recomputation.
@@ -200,7 +203,7 @@ def test_run_eval_end_to_end(ray_local, data, bundle, tmp_path):
 
 def test_eval_spec_rejects_clashing_outputs_and_bad_classnames(data, tmp_path):
     task = {"task": "retrieval", "dataset": "same", "shards": ["x.tar"]}
-    with pytest.raises(ValueError, match="both run retrieval on dataset 'same'"):
+    with pytest.raises(ValueError, match="both run zeroshot_retrieval on dataset 'same'"):
         EvalSpec(kind="eval", storage=str(tmp_path), model=MODEL, tasks=[task, task])
     spec = EvalSpec(
         kind="eval", storage=str(tmp_path), model=MODEL,

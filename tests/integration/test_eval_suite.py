@@ -13,9 +13,10 @@ import webdataset as wds
 from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 
-from clipforge.eval.evaluator import STATS_FILE, result_filename, run_eval
+from clipforge.eval.evaluator import result_filename, run_eval
 from clipforge.eval.spec import EvalSpec, EvalTask
 from clipforge.eval.tables import to_markdown
+from clipforge.runtime.run_dir import read_eval_stats
 
 torch.set_num_threads(1)
 
@@ -90,13 +91,13 @@ def test_suite_writes_a_file_per_model_dataset_task_and_one_table(ray_local, dat
         on_disk = json.loads((storage / result_filename(r["dataset"], r["pretrained"], "tiny", r["task"])).read_text())
         assert set(on_disk) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
         assert json.dumps(on_disk) == json.dumps(r)
-    assert (storage / "wds_caps_seed4_tiny_en_retrieval.json").exists()
+    assert (storage / "wds_caps_seed4_tiny_en_zeroshot_retrieval.json").exists()
     retrieval = results[0]["metrics"]
     assert (retrieval["n_images"], retrieval["n_texts"], retrieval["n_failed"]) == (7, 21, 1)
 
     # The two models really differ, and each embedded its own images once for all three tasks.
     assert json.dumps([r["metrics"] for r in results[:3]]) != json.dumps([r["metrics"] for r in results[3:]])
-    stats = json.loads((storage / STATS_FILE).read_text())["models"]
+    stats = read_eval_stats(str(storage))
     assert [s["images_embedded"] for s in stats] == [8 + 9 + 18, 8 + 9 + 18]
 
     with open(storage / "results.csv", newline="") as f:
@@ -115,7 +116,7 @@ def test_suite_writes_a_file_per_model_dataset_task_and_one_table(ray_local, dat
                 assert row[name] == "", name
     md = (storage / "results.md").read_text()
     assert md == to_markdown(results)
-    assert md.count("\n") == 2 + 6 and "| tiny | seed3 | wds/caps | retrieval |" in md
+    assert md.count("\n") == 2 + 6 and "| tiny | seed3 | wds/caps | zeroshot_retrieval |" in md
 
 
 def test_results_identical_with_one_and_two_workers(ray_local, data, tmp_path):

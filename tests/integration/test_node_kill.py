@@ -260,7 +260,7 @@ def test_build_survives_a_node_killed_mid_build(multinode_cluster, s3, tmp_path)
         [f"{s:05d}.tar" for s in range(BUILD_ROWS // SAMPLES_PER_SHARD)]
     # Nothing temporary or half-uploaded left: the one hidden object is the folder's owner record.
     hidden = [p.rsplit("/", 1)[1] for p in fs.find(killed_out, refresh=True) if p.rsplit("/", 1)[1].startswith(".")]
-    assert hidden == [".clipforge-job.json"], context
+    assert hidden == [".clipforge-output"], context
     assert fs.call_s3("list_multipart_uploads", Bucket=cluster.s3_bucket).get("Uploads", []) == [], context
     assert sorted(alive_workers(cluster)) == sorted({"worker-1", "worker-2", kill["replacement"]} - {kill["node"]})
 
@@ -350,7 +350,7 @@ def _embedding_actors(cluster: LocalCluster) -> list[Any] | None:
 
 
 def test_eval_gives_the_same_metrics_after_a_node_killed_mid_eval(multinode_cluster, s3, tmp_path, monkeypatch):
-    from clipforge.runtime.run_dir import RESULTS_FILE
+    from clipforge.runtime.run_dir import RESULTS_FILE, parse_eval_results
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the state API below is given the cluster's address
     cluster, fs = multinode_cluster, s3
@@ -368,7 +368,7 @@ def test_eval_gives_the_same_metrics_after_a_node_killed_mid_eval(multinode_clus
     driver.finish()
     context = f"kill: {kill}\n{driver.diagnostics()}"
 
-    results = json.loads(fs.cat_file(f"{killed}/{RESULTS_FILE}"))
-    expected = json.loads(fs.cat_file(f"{whole}/{RESULTS_FILE}"))
+    results = parse_eval_results(RESULTS_FILE, fs.cat_file(f"{killed}/{RESULTS_FILE}").decode())
+    expected = parse_eval_results(RESULTS_FILE, fs.cat_file(f"{whole}/{RESULTS_FILE}").decode())
     assert len(results) == 1 and results[0]["metrics"], context
     assert results == expected, context

@@ -282,7 +282,7 @@ def test_dry_run_says_what_the_output_folder_holds(tmp_path):
     (tmp_path / "run" / "notes.txt").write_text("mine")
     r = clipforge("run", "--dry-run", str(spec))
     assert r.returncode == 0 and "holds 1 file or folder: the job writes there only if" in r.stdout, r.stderr
-    (tmp_path / "run" / ".clipforge-job.json").write_text(json.dumps({"kind": "train", "name": "t"}))
+    (tmp_path / "run" / ".clipforge-output").write_text(json.dumps({"kind": "train", "name": "t"}))
     assert "holds this train job's earlier output" in clipforge("run", "--dry-run", str(spec)).stdout
     assert "holds the output of `train` job `t`" in clipforge("run", "--dry-run", str(spec), "name=u").stdout
 

@@ -263,3 +263,26 @@ window.CF = window.CF || {};
     overlay.addEventListener("mouseleave", () => { tip.style.display = "none"; cross.setAttribute("visibility", "hidden"); });
   }
 })();
+
+// Grouped horizontal bars (no SVG needed): one group per name in `groups`, in it one bar per series, side by side
+// in the series' colours; bar lengths are relative to the largest value shown. opts: {groups: [name...],
+// series: [{name, values: {group name: number}}], digits}.
+CF.drawBars = function (container, opts) {
+  const series = opts.series || [];
+  const max = Math.max(0, ...series.flatMap((s) => Object.values(s.values).filter(CF.isNum)));
+  const colour = (i) => CF.palette[i % CF.palette.length];
+  const box = CF.el("div", { class: "bars" });
+  for (const group of opts.groups || []) {
+    box.append(CF.el("div", { class: "bar-group", text: group }));
+    series.forEach((s, i) => {
+      const v = s.values[group];
+      if (!CF.isNum(v)) return;
+      const width = max > 0 ? Math.max(0, (100 * v) / max) : 0;
+      box.append(CF.el("div", { class: "bar", "data-series": s.name, "data-group": group, "data-value": String(v) },
+        CF.el("span", { class: "label", text: s.name }),
+        CF.el("span", { class: "track" }, CF.el("span", { class: "fill", style: `width:${width.toFixed(1)}%;background:${colour(i)}` })),
+        CF.el("span", { class: "num", text: CF.fmt(v, opts.digits || 4) })));
+    });
+  }
+  container.replaceChildren(box);
+};

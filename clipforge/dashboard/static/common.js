@@ -104,3 +104,25 @@ CF.numericKeys = function (records) {
 };
 
 CF.palette = ["#2962ff", "#e65100", "#2e7d32", "#c62828", "#6a1b9a", "#00838f", "#ad1457", "#5d4037", "#455a64", "#9e9d24"];
+
+// The parts of an eval metric key, "model label · dataset · task · metric" (the server's evals.eval_key).
+CF.EVAL_KEY_SEP = " · ";
+CF.evalKeyParts = function (key) {
+  const parts = key.split(CF.EVAL_KEY_SEP);
+  if (parts.length < 4) return { model: "", dataset: "", task: "", metric: parts[parts.length - 1] };
+  const n = parts.length;
+  return { model: parts.slice(0, n - 3).join(CF.EVAL_KEY_SEP), dataset: parts[n - 3], task: parts[n - 2], metric: parts[n - 1] };
+};
+
+// A table of eval scores, one row per {model, dataset, task, metric, value}, sorted by dataset, task, metric, model.
+CF.evalScoreTable = function (entries, id) {
+  const sorted = entries.slice().sort((a, b) => [a.dataset, a.task, a.metric, a.model].join("\u0000")
+    .localeCompare([b.dataset, b.task, b.metric, b.model].join("\u0000")));
+  const body = CF.el("tbody", {});
+  for (const e of sorted) {
+    body.append(CF.el("tr", {}, CF.el("td", { text: e.model }), CF.el("td", { text: e.dataset }), CF.el("td", { text: e.task }),
+      CF.el("td", { text: e.metric }), CF.el("td", { class: "num", text: CF.fmt(e.value, 4) })));
+  }
+  const head = CF.el("tr", {}, ...["model label", "dataset", "task", "metric", "value"].map((t) => CF.el("th", { text: t })));
+  return CF.el("table", { class: "data", id }, CF.el("thead", {}, head), body);
+};

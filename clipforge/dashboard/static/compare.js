@@ -1,4 +1,5 @@
-// Compare runs: one metric of several runs overlaid, against step, samples seen or compute.
+// Compare runs: one metric of several runs overlaid, against step, samples seen or compute; and the runs' final
+// eval metrics side by side: a row per (dataset, task, metric), a column per (run, model label).
 "use strict";
 
 (function () {
@@ -39,6 +40,34 @@
     CF.drawChart(document.getElementById("chart-compare"), { series, xlabel: { step: "step", samples_seen: "samples seen", compute: "compute (GMAC)" }[state.x],
       ylabel: state.metric, logx, logy, height: 380, legend: true });
     renderTable();
+    renderEvalTable();
+  }
+
+  let evalRequest = 0;
+  async function renderEvalTable() {
+    const box = document.getElementById("compare-evals");
+    if (!state.ids.length) { box.replaceChildren(); return; }
+    const mine = ++evalRequest; // a later call (runs added or removed meanwhile) wins
+    let data;
+    try {
+      data = await CF.api("/api/compare", { ids: state.ids.join(",") });
+    } catch (err) {
+      if (mine === evalRequest) CF.showError(box, err);
+      return;
+    }
+    if (mine !== evalRequest) return;
+    if (!data.columns.length) {
+      box.replaceChildren(CF.el("p", { class: "muted", text: "none of these runs has eval results" }));
+      return;
+    }
+    const head = CF.el("tr", {}, ...["dataset", "task", "metric"].map((t) => CF.el("th", { text: t })),
+      ...data.columns.map((c) => CF.el("th", { "data-run": c.run, "data-model": c.model, text: `${c.name} · ${c.model}` })));
+    const body = CF.el("tbody", {});
+    for (const r of data.rows) {
+      body.append(CF.el("tr", {}, CF.el("td", { text: r.dataset }), CF.el("td", { text: r.task }), CF.el("td", { text: r.metric }),
+        ...r.values.map((v) => CF.el("td", { class: "num", text: CF.fmt(v, 4) }))));
+    }
+    box.replaceChildren(CF.el("table", { class: "data", id: "compare-eval-table" }, CF.el("thead", {}, head), body));
   }
 
   function renderTable() {
@@ -97,7 +126,8 @@
         CF.el("label", {}, CF.el("input", { type: "checkbox", id: "logy", onchange: draw }), "log y"),
         CF.el("label", {}, "runs", add)),
       CF.el("div", { class: "card" }, CF.el("div", { class: "chart", id: "chart-compare" })),
-      CF.el("h2", { text: "Runs" }), CF.el("div", { id: "compare-table" }));
+      CF.el("h2", { text: "Runs" }), CF.el("div", { id: "compare-table" }),
+      CF.el("h2", { text: "Final eval metrics" }), CF.el("div", { class: "table-wrap", id: "compare-evals" }));
   }
 
   async function main() {

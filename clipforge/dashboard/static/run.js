@@ -1,12 +1,14 @@
 // One run: training curves, eval metrics over steps, spec, summary, eval results and checkpoints.
 // New metric lines are fetched by polling /api/metrics with the byte offset of the last read: no reload.
+// An eval job's folder has no training curves: its page shows the scores as a table and as bars per task, each
+// model label (e.g. untrained, trained) side by side.
 "use strict";
 
 (function () {
   const runId = CF.params.get("id") || "";
   const POLL_MS = Math.max(200, Number(CF.params.get("poll")) || 2000);
   const page = document.getElementById("page");
-  const state = { records: [], offset: 0, row: null, x: CF.params.get("x") || "step", timer: null };
+  const state = { records: [], offset: 0, row: null, x: CF.params.get("x") || "step", timer: null, evalJob: false };
 
   // The training curves: [chart id, title, y label, function(records) -> series list].
   const CURVES = [
@@ -69,6 +71,7 @@
 
   function drawCharts() {
     const grid = document.getElementById("curves");
+    if (!grid) return; // an eval job's page
     for (const [id, title, ylabel, make] of CURVES) {
       let card = document.getElementById("card-" + id);
       if (!card) {
@@ -104,7 +107,10 @@
     if (key === shownStats) return;
     shownStats = key;
     const box = document.getElementById("stats");
-    box.replaceChildren(
+    if (state.evalJob) {
+      box.replaceChildren(stat("status", "", "status"), stat("model", r.model || "", "stat-model"),
+        stat("updated", CF.fmtTime(r.updated), "stat-updated"));
+    } else box.replaceChildren(
       stat("status", "", "status"),
       stat("model", r.model || "", "stat-model"),
       stat("params", CF.fmtCount(r.params)),
@@ -127,16 +133,55 @@
     return CF.el("table", { class: "data" }, body);
   }
 
-  function evalTable(results) {
-    const body = CF.el("tbody", {});
-    for (const r of results) {
-      const metrics = Object.entries(r.metrics).filter(([k, v]) => !k.startsWith("n_") && CF.isNum(v))
-        .map(([k, v]) => `${k}=${CF.fmt(v, 4)}`).join("  ");
-      body.append(CF.el("tr", {}, CF.el("td", { text: r.dataset }), CF.el("td", { text: r.task || "" }),
-        CF.el("td", { text: r.pretrained || "" }), CF.el("td", { text: metrics }), CF.el("td", { class: "muted", text: r.file })));
+  // One card per (dataset, task): a group of bars per metric, one bar per model label (in one colour on every card).
+  function evalBars(entries) {
+    const labels = [...new Set(entries.map((e) => e.model))];
+    const tasks = new Map();
+    for (const e of entries) {
+      const key = e.dataset + CF.EVAL_KEY_SEP + e.task;
+      if (!tasks.has(key)) tasks.set(key, []);
+      tasks.get(key).push(e);
     }
-    const head = CF.el("tr", {}, ...["dataset", "task", "label", "metrics", "file"].map((t) => CF.el("th", { text: t })));
-    return CF.el("table", { class: "data" }, CF.el("thead", {}, head), body);
+    const grid = CF.el("div", { class: "grid", id: "eval-bars" });
+    for (const [key, list] of [...tasks.entries()].sort()) {
+      const metrics = [...new Set(list.map((e) => e.metric))].sort();
+      const series = labels.map((label) => ({ name: label, values: Object.fromEntries(
+        list.filter((e) => e.model === label).map((e) => [e.metric, e.value])) }));
+      const chart = CF.el("div", { class: "chart" });
+      grid.append(CF.el("div", { class: "card chart-card eval-task", "data-task": key }, CF.el("h3", { text: key }), chart));
+      CF.drawBars(chart, { groups: metrics, series });
+    }
+    return grid;
+  }
+
+  function evalSections(data) {
+    if (!data.eval_table.length) return [];
+    return [CF.el("section", { id: "eval-results" }, CF.el("h2", { text: "Eval results" }),
+      CF.evalScoreTable(data.eval_table, "eval-table")),
+    CF.el("section", {}, CF.el("h2", { text: "Scores by task (model labels side by side)" }), evalBars(data.eval_table))];
+  }
+
+  function specSection(data, isEval) {
+    const missing = isEval ? "(this eval job's folder holds no spec.yaml)" : "(no spec.yaml)";
+    return [CF.el("h2", { text: "Spec" }),
+      data.spec_error ? CF.el("p", { class: "error", text: data.spec_error }) : null,
+      CF.el("pre", { class: "spec", id: "spec", text: data.spec_text || missing })];
+  }
+
+  function buildEval(data) {
+    CF.fill(page,
+      CF.el("h1", { id: "run-name", text: (data.row && data.row.name) || runId }),
+      CF.el("div", { class: "muted" }, CF.el("span", { text: (runId || "(root)") + "  · eval job" }),
+        "  · ", CF.el("a", { href: "/compare?ids=" + encodeURIComponent(runId), text: "compare with…" }),
+        "  ", CF.el("span", { id: "live" })),
+      CF.el("div", { class: "stats", id: "stats" }),
+      ...evalSections(data),
+      data.eval_table.length ? null : CF.el("p", { class: "muted", text: "no eval results in this folder yet" }),
+      ...specSection(data, true));
+  }
+
+  function isEvalJob(data) {
+    return (data.row && data.row.kind === "eval") || (!data.records.length && !data.summary && data.eval_table.length > 0);
   }
 
   function checkpointTable(checkpoints) {
@@ -152,6 +197,8 @@
   }
 
   function build(data) {
+    state.evalJob = isEvalJob(data);
+    if (state.evalJob) return buildEval(data);
     const xSelect = CF.el("select", { id: "x-axis", onchange: (ev) => { state.x = ev.target.value; drawCharts(); } },
       ...[["step", "step"], ["samples_seen", "samples seen"], ["time", "time"]].map(([v, t]) => CF.el("option", { value: v, text: t })));
     xSelect.value = state.x;
@@ -159,7 +206,7 @@
       CF.el("h1", { id: "run-name", text: (data.row && data.row.name) || runId }),
       CF.el("div", { class: "muted" }, CF.el("span", { text: runId || "(root)" }),
         data.row && data.row.sweep ? CF.el("span", {}, "  · sweep ", CF.el("a", {
-          href: "/scaling?group=" + encodeURIComponent(data.row.sweep), text: data.row.sweep })) : null,
+          href: "/sweep?id=" + encodeURIComponent(data.row.sweep), text: data.row.sweep })) : null,
         "  · ", CF.el("a", { href: "/compare?ids=" + encodeURIComponent(runId), text: "compare with…" })),
       CF.el("div", { class: "stats", id: "stats" }),
       CF.el("div", { class: "toolbar" }, CF.el("label", {}, "x axis", xSelect),
@@ -167,12 +214,10 @@
       CF.el("div", { class: "grid", id: "curves" }),
       CF.el("section", { id: "eval-section" }, CF.el("h2", { text: "Eval metrics over training" }),
         CF.el("div", { class: "grid", id: "eval-curves" })),
-      data.evals.length ? CF.el("section", {}, CF.el("h2", { text: "Eval results" }), evalTable(data.evals)) : null,
+      ...evalSections(data),
       data.summary ? CF.el("section", {}, CF.el("h2", { text: "Summary" }), keyValueTable(data.summary)) : null,
       data.checkpoints.length ? CF.el("section", {}, CF.el("h2", { text: "Checkpoints" }), checkpointTable(data.checkpoints)) : null,
-      CF.el("h2", { text: "Spec" }),
-      data.spec_error ? CF.el("p", { class: "error", text: data.spec_error }) : null,
-      CF.el("pre", { class: "spec", id: "spec", text: data.spec_text || "(no spec.yaml)" }));
+      ...specSection(data, false));
   }
 
   async function load() {

@@ -17,7 +17,7 @@
     { key: "params", label: "params", num: true, fmt: CF.fmtCount },
     { key: "samples_seen", label: "samples seen", num: true, fmt: CF.fmtCount },
     { key: "compute", label: "compute (GMAC)", num: true, fmt: (v) => CF.fmt(v, 2) },
-    { key: "eval", label: "best eval", num: true, fmt: (v) => CF.fmt(v, 4) },
+    { key: "eval", label: "eval metric", num: true, fmt: (v) => CF.fmt(v, 4) },
     { key: "wall_seconds", label: "wall time", num: true, fmt: CF.fmtDuration },
     { key: "samples_per_second", label: "samples/s", num: true, fmt: (v) => CF.fmt(v, 4) },
     { key: "step", label: "step", num: true, fmt: (v) => CF.fmt(v) },
@@ -62,7 +62,8 @@
       return td;
     }
     if (col.key === "sweep") {
-      return CF.el("td", {}, row.sweep ? CF.el("a", { href: "/scaling?group=" + encodeURIComponent(row.sweep), text: row.sweep }) : "");
+      // Only a real sweep (a folder with sweep.json) is named here; a plain folder is not a sweep.
+      return CF.el("td", {}, row.sweep ? CF.el("a", { href: "/sweep?id=" + encodeURIComponent(row.sweep), text: row.sweep }) : "");
     }
     if (col.key === "status") return CF.el("td", {}, CF.badge(row.status));
     const v = value(row, col.key);
@@ -73,7 +74,7 @@
   function defaultMetric(rows, metrics) {
     const count = new Map(metrics.map((m) => [m, 0]));
     for (const r of rows) for (const k of Object.keys(r.evals)) if (count.has(k)) count.set(k, count.get(k) + 1);
-    const rank = (m) => (m.endsWith("/acc1") ? 2 : m.endsWith("recall@1") ? 1 : 0);
+    const rank = (m) => { const name = CF.evalKeyParts(m).metric; return name === "acc1" ? 2 : name.endsWith("recall@1") ? 1 : 0; };
     return metrics.slice().sort((a, b) => count.get(b) - count.get(a) || rank(b) - rank(a) || a.localeCompare(b))[0];
   }
 
@@ -88,7 +89,7 @@
     const rows = state.rows.filter((r) => matches(r, terms)).sort(compare);
     const head = CF.el("tr", {});
     for (const col of COLUMNS) {
-      const label = col.key === "eval" ? (state.metric ? "best " + state.metric : "best eval") : col.label;
+      const label = col.key === "eval" ? (state.metric || col.label) : col.label;
       const th = CF.el("th", { text: label, "data-key": col.key,
         class: state.sortKey === col.key ? (state.sortDir > 0 ? "sorted-asc" : "sorted-desc") : null });
       if (col.sortable !== false) {

@@ -80,7 +80,8 @@
 
   function renderControls(data) {
     const group = document.getElementById("group");
-    group.replaceChildren(CF.el("option", { value: "", text: "all runs" }), ...data.groups.map((g) => CF.el("option", { value: g, text: g })));
+    group.replaceChildren(CF.el("option", { value: "", text: "all runs" }), ...data.groups.map((g) =>
+      CF.el("option", { value: g.id, text: (g.sweep ? "sweep " : "folder ") + g.id })));
     group.value = data.group;
     const metric = document.getElementById("metric");
     metric.replaceChildren(...data.metrics.map((m) => CF.el("option", { value: m, text: m })));
@@ -112,7 +113,7 @@
       placeholder: "e.g. 0.2", style: "width:7em", onchange: (ev) => { state.target = ev.target.value; refresh(); } });
     CF.fill(page,
       CF.el("h1", { text: "Scaling" }),
-      CF.el("div", { class: "toolbar" }, CF.el("label", {}, "sweep", group), CF.el("label", {}, "metric", metric),
+      CF.el("div", { class: "toolbar" }, CF.el("label", {}, "runs in", group), CF.el("label", {}, "metric", metric),
         CF.el("label", {}, "bins per decade", bins), CF.el("label", {}, "target error", target)),
       CF.el("div", { class: "card", id: "fit" }),
       CF.el("div", { class: "card", style: "margin-top:12px" }, CF.el("div", { class: "chart", id: "chart-scaling" })),
