@@ -203,7 +203,7 @@ def test_table_errors_name_the_file_column_and_row(tmp_path):
         load_retrieval_table(str(tmp_path / "no_path.csv"), "filepath", "title")
     # Through the job's loader the task is named as well.
     task = RetrievalTask(task="retrieval", dataset="flickr", table=str(tmp_path / "ok.csv"), caption_column="caption")
-    with pytest.raises(ValueError, match=r"task 'flickr' \(retrieval\): .*ok\.csv: column `caption` "
+    with pytest.raises(ValueError, match=r"task 'flickr' \(zeroshot_retrieval\): .*ok\.csv: column `caption` "
                                          r"\(caption_column\) not found"):
         load_task(task)
 
