@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import socket
 import tempfile
 from datetime import timedelta
 from functools import lru_cache
@@ -17,11 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ports import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, outdir: str, fn: Callable, args: tuple) -> None:

@@ -11,14 +11,10 @@ import time
 import uuid
 from pathlib import Path
 
+from ports import free_port
+
 REGION = "us-east-1"
 KEY_ID, SECRET = "testing-key", "testing-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_moto(timeout_s: float = 90) -> tuple[subprocess.Popen, str]:

@@ -7,7 +7,6 @@ import hashlib
 import io
 import ipaddress
 import json
-import socket
 import tarfile
 from pathlib import Path
 from urllib.parse import quote
@@ -28,6 +27,7 @@ from clipforge.pipeline.spec import BuildSpec, DownloadSpec, FilterSpec, ResizeS
 from clipforge.pipeline.urls import InvalidURL, parse_target
 
 from http_fixtures import ImageServer, encode_image, pattern_image
+from ports import free_port
 
 SPS = 6  # samples per shard in the main build: small, so the rows spread over several shards
 
@@ -78,14 +78,6 @@ def read_samples(out: Path) -> dict[str, dict]:
     return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
 
 
-def closed_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
 def key_of(row: int) -> str:
     return f"{row // SPS:05d}{row % SPS}"
 
@@ -125,7 +117,7 @@ def _main_rows(server: ImageServer) -> list[tuple[str, str | None, str]]:
         (u("/img/64x48.gif?seed=8"), "a gif", "ok"),
         (u("/img/64x48.jpg?seed=9"), "first of a pair", "ok"),
         (u("/img/64x48.jpg?seed=9&again=1"), "second of a pair", "duplicate"),
-        (f"http://127.0.0.1:{closed_port()}/img/1x1.jpg", "nobody listens", "connection_error"),
+        (f"http://127.0.0.1:{free_port()}/img/1x1.jpg", "nobody listens", "connection_error"),
     ]
 
 

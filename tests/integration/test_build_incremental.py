@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import json
-import socket
 import time
 import zlib
 from pathlib import Path
@@ -27,6 +26,7 @@ from clipforge.runtime.tar_shard_reader import iter_shard_samples
 
 from build_outputs import manifest_by_row, manifest_rows, tar_members, write_url_list
 from http_fixtures import ImageServer, _Handler
+from ports import free_port
 
 TIMEOUT_S = 1.0
 
@@ -53,14 +53,6 @@ class _RecoveringHandler(_Handler):
 
 class RecoveringServer(ImageServer):
     handler = _RecoveringHandler
-
-
-def closed_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 def spec_dict(inp: Path, out: Path, sps: int, **top) -> dict:
@@ -117,7 +109,7 @@ def _recovering_rows(server: ImageServer) -> list[tuple[str, str]]:
         (u("/flaky/a?fails=1&code=500"), "row 1: 500 once"),
         (u("/status/404"), "row 2: missing"),
         (u(f"/late/b?fails=1&delay={4 * TIMEOUT_S}"), "row 3: no answer once"),
-        (f"http://127.0.0.1:{closed_port()}/x.jpg", "row 4: nobody listens"),
+        (f"http://127.0.0.1:{free_port()}/x.jpg", "row 4: nobody listens"),
         (u("/flaky/c?fails=1&code=429"), "row 5: rate limited once"),
         (u("/text"), "row 6: not an image"),
         (u("/img/40x30.jpg?seed=107"), "row 7"),
@@ -218,7 +210,7 @@ def test_overwrite_rebuilds_every_shard_and_keeps_other_files(ray_local, tmp_pat
 def test_a_build_where_nothing_succeeds_exits_non_zero_with_one_line(ray_local, tmp_path):
     with ImageServer() as server:
         rows = [(server.url("/status/404"), "a"), (server.url("/status/404"), "b"),
-                (f"http://127.0.0.1:{closed_port()}/x.jpg", "c"), (server.url("/text"), "d")]
+                (f"http://127.0.0.1:{free_port()}/x.jpg", "c"), (server.url("/text"), "d")]
         inp = write_url_list(tmp_path / "urls.parquet", rows)
         out = tmp_path / "out"
         spec = tmp_path / "build.yaml"

@@ -51,7 +51,8 @@ def data(tmp_path_factory):
 
 def _tasks(root) -> list[dict]:
     return [
-        {"task": "zeroshot_retrieval", "dataset": "wds/caps", "shards": [str(root / "caps-000000.tar")], "recall_k": [1, 2]},
+        {"task": "zeroshot_retrieval", "dataset": "wds/caps", "shards": [str(root / "caps-000000.tar")],
+         "recall_k": [1, 2]},
         {"task": "zeroshot_classification", "dataset": "shapes", "image_folder": str(root / "test"),
          "templates": "simple"},
         {"task": "linear_probe", "dataset": "shapes", "train": {"kind": "image_folder", "path": str(root / "train")},
